@@ -1,0 +1,44 @@
+"""autodrop: where should dropout go in my CNN, and how strong should it be?
+
+The public API is loaded lazily, so that importing autodrop (and ``autodrop --help``) does not
+pay for importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutodropError",
+    "SearchConfig",
+    "SearchResult",
+    "load_results",
+    "search",
+    "__version__",
+]
+
+_LAZY = {
+    "search": "autodrop.search",
+    "load_results": "autodrop.report",
+    "SearchResult": "autodrop.report",
+    "SearchConfig": "autodrop.config",
+    "AutodropError": "autodrop.errors",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from autodrop.config import SearchConfig
+    from autodrop.errors import AutodropError
+    from autodrop.report import SearchResult, load_results
+    from autodrop.search import search
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'autodrop' has no attribute {name!r}")

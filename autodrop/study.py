@@ -1,0 +1,142 @@
+"""Storage, sampler, pruner and the study itself: created once, then loaded by every run."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import optuna
+from optuna.trial import TrialState
+
+from autodrop.errors import ConfigError, StorageError
+
+# The study keeps the settings its trials were trained with, so that a rerun with other settings
+# cannot mix incomparable trials into it, and so report and export can rebuild a trial's network
+# from storage alone.
+CONFIG_ATTR = "autodrop.config"
+DATA_ATTR = "autodrop.data"
+SITES_ATTR = "autodrop.sites"
+# Settings that change what a trial's number means; the rest (trials, timeout, device, pruner)
+# may differ between runs of one study.
+TRIAL_SETTINGS = (
+    "data", "image-size", "channels", "val-fraction", "train-per-class",
+    "model", "epochs", "batch-size", "lr", "rate-range", "seed",
+)
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+METRIC_NAME = "val_accuracy"
+# A worker that stops beating for this long is taken for dead and its trial retried.
+HEARTBEAT_INTERVAL_S = 15
+GRACE_PERIOD_S = 60
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """Return the storage at ``url``, or raise StorageError saying why it cannot be reached."""
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        if path.name and not path.parent.exists():
+            raise StorageError(f"cannot create the study file {str(path)!r}: folder {str(path.parent)!r} does not exist.")
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # Several local workers and the heartbeat thread write to one file: wait for the lock.
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    elif url.startswith("postgresql"):
+        engine_kwargs["pool_pre_ping"] = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                grace_period=GRACE_PERIOD_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=2, inherit_intermediate_values=True
+                ),
+            )
+    except ImportError as e:
+        raise StorageError(f"storage {_safe_url(url)!r} needs a database driver that is not installed: {e}.") from e
+    except Exception as e:  # SQLAlchemy raises a different type per dialect and failure
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StorageError(f"cannot open storage {_safe_url(url)!r}: {reason}") from e
+
+
+def _safe_url(url: str) -> str:
+    """Return ``url`` with any password hidden, for error messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
+    """Return grouped multivariate TPE, which models rates that exist only when their site is on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed)
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    """Return the pruner called ``name``, its warm-up fitted to ``epochs``."""
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, epochs // 4))
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigError(f"--pruner must be one of median, hyperband, none, but got {name!r}.")
+
+
+def create_or_load_study(
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    *,
+    settings: Mapping[str, Any],
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+) -> optuna.Study:
+    """Return the study ``name``, creating it if new; refuse one made with other trial settings."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # autodrop prints its own progress
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=name, direction="maximize", sampler=sampler, pruner=pruner,
+            load_if_exists=True,
+        )
+    except Exception as e:
+        raise StorageError(f"cannot create or load study {name!r}: {e}") from e
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    wanted = {key: settings[key] for key in TRIAL_SETTINGS}
+    if stored is None:
+        study.set_user_attr(CONFIG_ATTR, wanted)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([METRIC_NAME])
+        return study
+    differing = [key for key in TRIAL_SETTINGS if _normalise(stored.get(key)) != _normalise(wanted[key])]
+    if differing:
+        details = ", ".join(f"{key} {stored.get(key)!r} (now {wanted[key]!r})" for key in differing)
+        raise ConfigError(
+            f"study {name!r} was made with other settings: {details}. Use the same settings to resume "
+            "it, or --study NEW_NAME to start another."
+        )
+    return study
+
+
+def _normalise(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def load_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
+    """Return the existing study ``name``, or raise StorageError listing the studies there."""
+    names = optuna.get_all_study_names(storage)
+    if name not in names:
+        listing = ", ".join(names) if names else "none"
+        raise StorageError(f"no study named {name!r} in this storage; studies there: {listing}.")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def count_finished(study: optuna.Study) -> int:
+    """Return how many trials finished (completed or pruned); failed ones do not count."""
+    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
