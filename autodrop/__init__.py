@@ -20,7 +20,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "search": "autodrop.search",
+    "search": "autodrop.pipeline",
     "load_results": "autodrop.report",
     "SearchResult": "autodrop.report",
     "SearchConfig": "autodrop.config",
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from autodrop.config import SearchConfig
     from autodrop.errors import AutodropError
     from autodrop.report import SearchResult, load_results
-    from autodrop.search import search
+    from autodrop.pipeline import search
 
 
 def __getattr__(name: str) -> Any:

@@ -85,7 +85,7 @@ def search(ctx: click.Context, spec: str | None, quiet: bool, **options: Any) ->
         if given.get("channels") is not None:
             given["channels"] = int(given["channels"])
         config = config_from_options(given)
-        from autodrop.search import BarProgress, Progress, run_search
+        from autodrop.pipeline import BarProgress, Progress, run_search
 
         result = run_search(config, progress=Progress() if quiet else BarProgress())
     except AutodropError as e:

@@ -1,4 +1,7 @@
-"""The one call that the CLI and notebooks share: data + model + space + training + study."""
+"""The one call that the CLI and notebooks share: data + model + space + training + study.
+
+Named pipeline, not search, so that the module never shadows the function ``autodrop.search``.
+"""
 
 from __future__ import annotations
 
