@@ -14,7 +14,7 @@ import click
 from click.core import ParameterSource
 
 from autodrop import __version__
-from autodrop.config import DEVICES, PRUNERS, DataConfig, SearchConfig, TrainConfig, config_from_options, read_spec
+from autodrop.config import DEVICES, PRUNERS, SCHEDULES, DataConfig, SearchConfig, TrainConfig, config_from_options, read_spec
 from autodrop.errors import AutodropError, AutodropWarning
 
 _DEFAULTS = SearchConfig()
@@ -57,6 +57,12 @@ def main() -> None:
 @click.option("--lr", type=float, default=TrainConfig.lr, show_default=True, help="Adam learning rate.")
 @click.option("--rate-range", type=(float, float), default=_DEFAULTS.rate_range, show_default=True,
               help="Lowest and highest dropout rate searched.")
+@click.option("--kinds", default=",".join(_DEFAULTS.kinds), show_default=True,
+              help="Dropout kinds searched at conv sites (comma-separated); 'element' alone switches this off.")
+@click.option("--orders", default=",".join(_DEFAULTS.orders), show_default=True,
+              help="Slots searched for conv sites with batch norm; 'after-act' alone switches this off.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=TrainConfig.schedule, show_default=True,
+              help="Dropout for the whole run, or only its first half ('early dropout').")
 @click.option("--pruner", type=click.Choice(PRUNERS), default=_DEFAULTS.pruner, show_default=True)
 @click.option("--image-size", type=int, default=DataConfig.image_size, show_default=True,
               help="Images are resized to this many pixels per side.")
@@ -99,6 +105,31 @@ def search(ctx: click.Context, spec: str | None, quiet: bool, **options: Any) ->
     click.echo("")
     click.echo(f"Stored as study {result.study_name!r} in {result.storage_url}")
     click.echo(f"Look further: optuna-dashboard {shlex.quote(result.storage_url)}")
+
+
+@main.command()
+@click.option("--study", "study_name", default=SearchConfig().study_name, show_default=True, help="The study to confirm.")
+@click.option("--storage", default=None, help="Optuna storage URL; default: sqlite file ./autodrop.db.")
+@click.option("--seeds", type=int, default=5, show_default=True, help="Fresh seeds per placement.")
+@click.option("--top", type=int, default=3, show_default=True, help="Best searched placements to retrain.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def confirm(study_name: str, storage: str | None, seeds: int, top: int, device: str, quiet: bool) -> None:
+    """Retrain the top placements and every baseline with fresh seeds, and test the lead."""
+    from autodrop.report import format_confirmation
+
+    def on_run(label: str, seed_index: int) -> None:
+        if not quiet:
+            click.echo(f"  training {label}, seed {seed_index + 1}/{seeds}", err=True)
+
+    try:
+        from autodrop.confirm import confirm_study
+
+        confirmation = confirm_study(study_name, storage, n_seeds=seeds, top=top, device=device, on_run=on_run)
+    except AutodropError as e:
+        raise UserInputError(str(e)) from e
+    click.echo(format_confirmation(confirmation.to_dict()))
+    click.echo(f"\nStored with study {study_name!r}; autodrop report shows it from now on.")
 
 
 if __name__ == "__main__":  # pragma: no cover

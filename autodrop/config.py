@@ -22,6 +22,13 @@ else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 PRUNERS = ("median", "hyperband", "none")
+# What dropout zeroes at a conv site: single activations (nn.Dropout) or whole feature maps
+# (nn.Dropout2d).
+DROPOUT_KINDS = ("element", "channel")
+# Where a conv site sits in its block: after the activation (and pooling), or between the conv and
+# its batch norm, where dropout shifts the variance that batch norm sees.
+ORDERS = ("after-act", "before-bn")
+SCHEDULES = ("whole", "early")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_STORAGE_FILE = "autodrop.db"
 
@@ -45,6 +52,7 @@ class TrainConfig:
     batch_size: int = 128  # images per optimiser step
     lr: float = 2e-3  # Adam learning rate
     device: str = "auto"  # auto picks cuda, then mps, then cpu
+    schedule: str = "whole"  # "whole": dropout all run; "early": only in the first half of the epochs
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,8 @@ class SearchConfig:
     model: str = "simple-cnn"  # a registered model name
     trials: int = 24  # finished trials the study ends with, baselines included
     rate_range: tuple[float, float] = (0.05, 0.7)  # lowest and highest dropout rate searched
+    kinds: tuple[str, ...] = DROPOUT_KINDS  # dropout kinds searched at conv sites
+    orders: tuple[str, ...] = ORDERS  # slots searched for conv sites that have a batch norm
     pruner: str = "median"  # median, hyperband or none
     seed: int = 0  # seeds the sampler and every trial's weights and batches
     study: str | None = None  # None derives a name from the data and model
@@ -100,6 +110,15 @@ def validate(config: SearchConfig) -> SearchConfig:
         f"--lr must be a positive number, but got {train.lr}.",
     )
     _check(train.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, but got {train.device!r}.")
+    _check(
+        train.schedule in SCHEDULES,
+        f"--schedule must be one of {', '.join(SCHEDULES)}, but got {train.schedule!r}.",
+    )
+    for option, values, allowed in (("--kinds", config.kinds, DROPOUT_KINDS), ("--orders", config.orders, ORDERS)):
+        _check(
+            len(values) >= 1 and all(v in allowed for v in values) and len(set(values)) == len(values),
+            f"{option} must be a comma-separated list of {', '.join(allowed)}, but got {','.join(values)!r}.",
+        )
     _check(config.trials >= 1, f"--trials must be at least 1, but got {config.trials}.")
     low, high = config.rate_range
     _check(
@@ -123,9 +142,11 @@ def _check(ok: bool, message: str) -> None:
 # The flat option names shared by the CLI and TOML study specs, mapped to where they live.
 _DATA_KEYS = {"data": "source", "image-size": "image_size", "channels": "channels",
               "val-fraction": "val_fraction", "train-per-class": "train_per_class"}
-_TRAIN_KEYS = {"epochs": "epochs", "batch-size": "batch_size", "lr": "lr", "device": "device"}
-_SEARCH_KEYS = {"model": "model", "trials": "trials", "rate-range": "rate_range", "pruner": "pruner",
-                "seed": "seed", "study": "study", "storage": "storage", "timeout": "timeout"}
+_TRAIN_KEYS = {"epochs": "epochs", "batch-size": "batch_size", "lr": "lr", "device": "device",
+               "schedule": "schedule"}
+_SEARCH_KEYS = {"model": "model", "trials": "trials", "rate-range": "rate_range", "kinds": "kinds",
+                "orders": "orders", "pruner": "pruner", "seed": "seed", "study": "study", "storage": "storage",
+                "timeout": "timeout"}
 OPTION_NAMES = tuple(_DATA_KEYS) + tuple(_TRAIN_KEYS) + tuple(_SEARCH_KEYS)
 
 
@@ -143,6 +164,9 @@ def config_from_options(options: Mapping[str, Any]) -> SearchConfig:
             given[name] = value
     if "rate-range" in given:
         given["rate-range"] = _rate_range(given["rate-range"])
+    for key in ("kinds", "orders"):
+        if key in given:
+            given[key] = _choice_list(given[key])
     try:
         data = DataConfig(**{_DATA_KEYS[k]: v for k, v in given.items() if k in _DATA_KEYS})
         train = TrainConfig(**{_TRAIN_KEYS[k]: v for k, v in given.items() if k in _TRAIN_KEYS})
@@ -162,6 +186,13 @@ def _rate_range(value: Any) -> tuple[float, float]:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"rate-range must be two numbers, low and high, but got {value!r}.") from e
     return (low, high)
+
+
+def _choice_list(value: Any) -> tuple[str, ...]:
+    """Accept ``"element,channel"`` or ``["element", "channel"]``."""
+    if isinstance(value, str):
+        value = value.split(",")
+    return tuple(str(v).strip() for v in value if str(v).strip())
 
 
 def _check_types(config: SearchConfig) -> None:
@@ -214,4 +245,6 @@ def config_to_options(config: SearchConfig) -> dict[str, Any]:
     for key, attr in _SEARCH_KEYS.items():
         options[key] = getattr(config, attr)
     options["rate-range"] = list(config.rate_range)
+    options["kinds"] = list(config.kinds)
+    options["orders"] = list(config.orders)
     return options

@@ -1,7 +1,9 @@
 """The built-in CNNs, each a flat ``nn.Sequential`` with its candidate drop sites as named layers.
 
 A flat sequence keeps every layer visible by name: the state dict keys read like the layers, and
-export can write the network back out as plain source layer by layer.
+export can write the network back out as plain source layer by layer. A conv site that has a batch
+norm in its block is declared twice, before the batch norm and after the activation; a placement
+switches on at most one of the two.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def build_simple_cnn(shape: ModelShape) -> nn.Sequential:
     size = shape.image_size
     for block, width in enumerate((32, 64, 128), start=1):
         layers[f"conv{block}"] = nn.Conv2d(in_channels, width, kernel_size=3, padding=1, bias=False)
+        layers[f"drop_conv{block}_before_bn"] = DropSite(f"conv{block}", "conv", slot="before-bn")
         layers[f"bn{block}"] = nn.BatchNorm2d(width)
         layers[f"relu{block}"] = nn.ReLU(inplace=True)
         layers[f"pool{block}"] = nn.MaxPool2d(2)
@@ -69,6 +72,7 @@ def build_seed_cnn(shape: ModelShape) -> nn.Sequential:
         layers[f"conv{stage}"] = nn.Conv2d(in_channels, width, kernel_size=3, padding=1)
         layers[f"pool{stage}"] = nn.MaxPool2d(2)
         layers[f"relu{stage}"] = nn.ReLU(inplace=True)
+        layers[f"drop_stage{stage}_before_bn"] = DropSite(f"stage{stage}", "conv", slot="before-bn")
         layers[f"bn{stage}"] = nn.BatchNorm2d(width)
         layers[f"drop_stage{stage}"] = DropSite(f"stage{stage}", "conv")
         for inner in (1, 2, 3):

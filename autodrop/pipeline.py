@@ -16,8 +16,15 @@ from autodrop.data import ImageData, load_data
 from autodrop.errors import ConfigError, ModelError
 from autodrop.models import ModelShape, build_model, get_model_entry
 from autodrop.report import BASELINE_ATTR, SearchResult, summarize_study
-from autodrop.sites import apply_placement, site_kinds
-from autodrop.space import baseline_placements, placement_to_params, suggest_placement
+from autodrop.sites import apply_placement, site_kinds, site_orders
+from autodrop.space import (
+    baseline_placements,
+    default_variants,
+    placement_to_params,
+    suggest_placement,
+    suggest_variants,
+    variant_choices,
+)
 from autodrop.study import (
     DATA_ATTR,
     FINISHED_STATES,
@@ -92,7 +99,8 @@ def run_search(config: SearchConfig, *, progress: Progress) -> SearchResult:
     _check_device(device)
     data = load_data(config.data)
     shape = ModelShape(data.channels, data.n_classes, data.image_size)
-    sites = _probe_sites(config.model, shape)
+    sites, orders = _probe_sites(config.model, shape)
+    choices = variant_choices(sites, orders, config.kinds, config.orders)
 
     storage = open_storage(config.storage_url)
     study = create_or_load_study(
@@ -103,11 +111,11 @@ def run_search(config: SearchConfig, *, progress: Progress) -> SearchResult:
         pruner=make_pruner(config.pruner, config.train.epochs),
     )
     _record_data_and_sites(study, data, sites)
-    _enqueue_baselines(study, sites, config)
+    _enqueue_baselines(study, sites, choices, config)
 
     remaining = config.trials - count_finished(study)
     if remaining > 0:
-        _run_trials(study, config, data, sites, device, progress)
+        _run_trials(study, config, data, sites, choices, device, progress)
     return summarize_study(study, config.storage_url)
 
 
@@ -118,8 +126,8 @@ def _check_device(device: torch.device) -> None:
         raise ConfigError("--device mps was asked for, but MPS is not available here; use --device cpu or auto.")
 
 
-def _probe_sites(model_name: str, shape: ModelShape) -> dict[str, str]:
-    """Build the model once to list its sites and check that it fits the data."""
+def _probe_sites(model_name: str, shape: ModelShape) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """Build the model once to list its sites (and their slots) and check that it fits the data."""
     model = build_model(model_name, shape)
     kinds = site_kinds(model)
     if not kinds:
@@ -137,7 +145,7 @@ def _probe_sites(model_name: str, shape: ModelShape) -> dict[str, str]:
             f"model {model_name!r} gives outputs of shape {tuple(out.shape[1:])} per image, but the data has "
             f"{shape.n_classes} classes."
         )
-    return kinds
+    return kinds, site_orders(model)
 
 
 def _record_data_and_sites(study: optuna.Study, data: ImageData, sites: dict[str, str]) -> None:
@@ -162,13 +170,17 @@ def _record_data_and_sites(study: optuna.Study, data: ImageData, sites: dict[str
         )
 
 
-def _enqueue_baselines(study: optuna.Study, sites: dict[str, str], config: SearchConfig) -> None:
+def _enqueue_baselines(
+    study: optuna.Study, sites: dict[str, str], choices: dict[str, Any], config: SearchConfig
+) -> None:
     """Queue each baseline recipe once; a rerun finds them already present and adds nothing."""
     present = {t.user_attrs.get(BASELINE_ATTR) for t in study.get_trials(deepcopy=False)}
     for name, placement in baseline_placements(sites, config.rate_range)[: config.trials]:
         if name in present:
             continue
-        study.enqueue_trial(placement_to_params(placement), user_attrs={BASELINE_ATTR: name}, skip_if_exists=True)
+        # The recipes are plain dropout: element-wise, after the activation.
+        params = placement_to_params(placement, default_variants(placement, choices))
+        study.enqueue_trial(params, user_attrs={BASELINE_ATTR: name}, skip_if_exists=True)
 
 
 def _run_trials(
@@ -176,6 +188,7 @@ def _run_trials(
     config: SearchConfig,
     data: ImageData,
     sites: dict[str, str],
+    choices: dict[str, Any],
     device: torch.device,
     progress: Progress,
 ) -> None:
@@ -187,13 +200,14 @@ def _run_trials(
 
     def objective(trial: optuna.Trial) -> float:
         placement = suggest_placement(trial, site_names, config.rate_range)
+        variants = suggest_variants(trial, placement, choices)
         # A retried trial inherits its seed from the attempt it replaces.
         seed = int(trial.user_attrs.get("seed", (config.seed * 1_000_003 + trial.number) % 2**31))
         trial.set_user_attr("seed", seed)
         is_baseline = BASELINE_ATTR in trial.user_attrs
         torch.manual_seed(seed)
         model = build_model(config.model, shape)
-        apply_placement(model, placement)
+        apply_placement(model, placement, variants)
 
         def on_epoch(m: EpochMetrics) -> None:
             trial.report(m.val_accuracy, m.epoch)

@@ -15,9 +15,16 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autodrop.errors import StorageError
-from autodrop.space import describe_placement, placement_from_params, rate_param
+from autodrop.space import (
+    describe_placement,
+    kind_param,
+    order_param,
+    placement_from_params,
+    rate_param,
+    variants_from_params,
+)
 from autodrop.config import SearchConfig
-from autodrop.study import CONFIG_ATTR, DATA_ATTR, SITES_ATTR, load_study, open_storage
+from autodrop.study import CONFIG_ATTR, CONFIRM_ATTR, DATA_ATTR, SITES_ATTR, load_study, open_storage
 
 BASELINE_ATTR = "baseline"
 # PED-ANOVA returns numbers from a handful of trials, but they mean little below about this many.
@@ -34,6 +41,11 @@ class TrialSummary:
     val_accuracy: float | None  # the objective: last epoch's validation accuracy
     train_accuracy: float | None
     baseline: str | None  # the recipe's name, for baseline trials
+    variants: dict[str, dict[str, str]] = field(default_factory=dict)  # site -> kind / order, where chosen
+
+    @property
+    def description(self) -> str:
+        return describe_placement(self.placement, self.variants)
 
     @property
     def gap(self) -> float | None:
@@ -74,6 +86,7 @@ class SearchResult:
     importance_note: str | None
     margin: Margin | None
     trials: list[TrialSummary] = field(repr=False, default_factory=list)
+    confirmation: dict[str, Any] | None = None  # written by autodrop confirm, as stored
 
     @property
     def best_placement(self) -> dict[str, float | None] | None:
@@ -92,7 +105,7 @@ class SearchResult:
 def load_results(study: str, storage: str | None = None) -> SearchResult:
     """Return the answer stored for the study named ``study`` (default storage: ./autodrop.db)."""
     url = SearchConfig(storage=storage).storage_url
-    return summarize_study(load_study(open_storage(url), study), url)
+    return summarize_study(load_study(open_storage(url, must_exist=True), study), url)
 
 
 def summarize_study(study: optuna.Study, storage_url: str) -> SearchResult:
@@ -124,6 +137,7 @@ def summarize_study(study: optuna.Study, storage_url: str) -> SearchResult:
         importance_note=note,
         margin=_margin(best, baselines, int(data.get("n_val", 0))),
         trials=summaries,
+        confirmation=study.user_attrs.get(CONFIRM_ATTR),
     )
 
 
@@ -138,6 +152,7 @@ def _summarize_trial(trial: FrozenTrial, sites: list[str]) -> TrialSummary:
         val_accuracy=value,
         train_accuracy=train_accuracy if isinstance(train_accuracy, (int, float)) else None,
         baseline=trial.user_attrs.get(BASELINE_ATTR),
+        variants=variants_from_params(trial.params, sites),
     )
 
 
@@ -181,7 +196,10 @@ def _site_importances(
             raw = optuna.importance.get_param_importances(study)
     except (ValueError, RuntimeError, ZeroDivisionError) as e:
         return None, f"importances could not be computed: {e}"
-    per_site = {site: float(raw.get(site, 0.0)) + float(raw.get(rate_param(site), 0.0)) for site in sites}
+    per_site = {
+        site: sum(float(raw.get(name, 0.0)) for name in (site, rate_param(site), kind_param(site), order_param(site)))
+        for site in sites
+    }
     note = None
     if n_complete < MIN_TRIALS_FOR_IMPORTANCE:
         note = (
@@ -204,10 +222,13 @@ def _margin(best: TrialSummary | None, baselines: list[TrialSummary], n_val: int
 
 
 def _verdict(result: SearchResult) -> str:
+    # Several seeds per placement beat one run per placement: once confirmed, that is the answer.
+    if result.confirmation:
+        return str(result.confirmation["verdict"])
     best, margin = result.best, result.margin
     if best is None:
         return "No trial has completed yet: there is no answer to give."
-    placement = describe_placement(best.placement)
+    placement = best.description
     if best.baseline == "none":
         return "No dropout scored best: on this data and model, dropout does not help."
     if margin is None:
@@ -244,14 +265,16 @@ def format_result(result: SearchResult) -> str:
     else:
         lines.append("Best placement: none yet (no completed trial).")
     lines.append("")
-    header = f"  {'site':<14} {'kind':<5} {'best':>8} {'importance':>11}"
+    header = f"  {'site':<14} {'kind':<5} {'best':>8} {'importance':>11}  variant"
     lines.append(header)
     lines.append("  " + "-" * (len(header) - 2))
     for site, kind in result.sites.items():
         rate = best.placement.get(site) if best else None
         shown = "off" if rate is None else f"{rate:.2f}"
         importance = "-" if result.importances is None else f"{result.importances.get(site, 0.0):.2f}"
-        lines.append(f"  {site:<14} {kind:<5} {shown:>8} {importance:>11}")
+        variant = best.variants.get(site, {}) if best and rate is not None else {}
+        variant_words = ", ".join(variant[key] for key in ("kind", "order") if key in variant)
+        lines.append(f"  {site:<14} {kind:<5} {shown:>8} {importance:>11}  {variant_words}".rstrip())
     if result.importance_note:
         lines.append(f"  Note: {result.importance_note}")
     lines.append("")
@@ -262,7 +285,7 @@ def format_result(result: SearchResult) -> str:
             figures = f"{_pct(b.val_accuracy):>8} {_pct(b.train_accuracy):>10} {_pts(b.gap):>7}"
         else:
             figures = f"{b.state:>8} {'':>10} {'':>7}"
-        lines.append(f"  {b.baseline:<15} {figures}  {describe_placement(b.placement)}")
+        lines.append(f"  {b.baseline:<15} {figures}  {b.description}")
     if best is not None and result.margin is not None:
         m = result.margin
         lines.append("")
@@ -270,8 +293,25 @@ def format_result(result: SearchResult) -> str:
             f"Lead over no dropout: {100 * m.lead:+.1f} points; validation standard error "
             f"{100 * m.standard_error:.1f} points (n={m.n_val}), noise band for a difference {100 * m.noise:.1f} points."
         )
+    if result.confirmation:
+        lines.append("")
+        lines.extend(format_confirmation(result.confirmation).splitlines()[:-1])
     lines.append("")
     lines.append(result.verdict)
+    return "\n".join(lines)
+
+
+def format_confirmation(confirmation: Mapping[str, Any]) -> str:
+    """Return a stored confirmation as a table of candidates and the verdict."""
+    seeds = confirmation["seeds"]
+    lines = [f"Confirmation ({len(seeds)} fresh seeds per placement, the same seeds for each):"]
+    lines.append(f"  {'placement':<15} {'mean val':>9} {'95% interval':>15} {'gap':>6}  what")
+    for c in confirmation["candidates"]:
+        interval = f"{100 * c['ci_low']:.1f}-{100 * c['ci_high']:.1f}%"
+        lines.append(
+            f"  {c['label']:<15} {100 * c['mean']:>8.1f}% {interval:>15} {_pts(c['mean_gap']):>6}  {c['description']}"
+        )
+    lines.append(str(confirmation["verdict"]))
     return "\n".join(lines)
 
 

@@ -8,38 +8,49 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from autodrop.config import DROPOUT_KINDS, ORDERS
 from autodrop.errors import ModelError
 
 SITE_KINDS = ("conv", "fc")
+DEFAULT_ORDER = ORDERS[0]
 
 
 class DropSite(nn.Module):
     """Dropout that is off (identity) until a placement gives it a rate.
 
     ``kind`` says what the site follows: ``"conv"`` for feature maps, ``"fc"`` for the input of a
-    fully connected layer. The baselines choose sites by kind.
+    fully connected layer; the baselines choose sites by kind. ``slot`` is the position within the
+    block: a site may be declared in several slots (one module each, sharing ``name``), and a
+    placement switches on at most one of them.
     """
 
-    def __init__(self, name: str, kind: str) -> None:
+    def __init__(self, name: str, kind: str, slot: str = DEFAULT_ORDER) -> None:
         super().__init__()
         if kind not in SITE_KINDS:
             raise ValueError(f"kind must be one of {SITE_KINDS}, but got {kind=}.")
+        if slot not in ORDERS:
+            raise ValueError(f"slot must be one of {ORDERS}, but got {slot=}.")
         self.site_name = name
         self.kind = kind
+        self.slot = slot
         self.p: float | None = None
+        self.dropout_kind = "element"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p is None or not self.training:
             return x
+        if self.dropout_kind == "channel":
+            return F.dropout2d(x, self.p, training=True)
         return F.dropout(x, self.p, training=True)
 
     def extra_repr(self) -> str:
-        rate = "off" if self.p is None else f"p={self.p:g}"
-        return f"{self.site_name!r}, kind={self.kind}, {rate}"
+        rate = "off" if self.p is None else f"p={self.p:g}, {self.dropout_kind}"
+        slot = "" if self.slot == DEFAULT_ORDER else f", slot={self.slot}"
+        return f"{self.site_name!r}, kind={self.kind}{slot}, {rate}"
 
 
 def iter_sites(model: nn.Module) -> Iterator[DropSite]:
-    """Yield the model's drop sites in the order they were registered (the forward order)."""
+    """Yield the model's drop-site modules in the order they were registered (the forward order)."""
     for module in model.modules():
         if isinstance(module, DropSite):
             yield module
@@ -48,21 +59,51 @@ def iter_sites(model: nn.Module) -> Iterator[DropSite]:
 def site_kinds(model: nn.Module) -> dict[str, str]:
     """Return each site's name mapped to its kind, in forward order."""
     kinds: dict[str, str] = {}
+    seen_slots: set[tuple[str, str]] = set()
     for site in iter_sites(model):
-        if site.site_name in kinds:
+        if (site.site_name, site.slot) in seen_slots:
             raise ModelError(f"two drop sites share the name {site.site_name!r}; site names must be unique.")
-        kinds[site.site_name] = site.kind
+        seen_slots.add((site.site_name, site.slot))
+        kinds.setdefault(site.site_name, site.kind)
     return kinds
 
 
-def apply_placement(model: nn.Module, rates: Mapping[str, float | None]) -> None:
-    """Set every site's rate from ``rates`` (a missing or None entry switches the site off)."""
-    known = {site.site_name for site in iter_sites(model)}
-    unknown = sorted(set(rates) - known)
+def site_orders(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Return the slots of each site declared in more than one, in ORDERS order."""
+    slots: dict[str, set[str]] = {}
+    for site in iter_sites(model):
+        slots.setdefault(site.site_name, set()).add(site.slot)
+    return {name: tuple(o for o in ORDERS if o in found) for name, found in slots.items() if len(found) > 1}
+
+
+def apply_placement(
+    model: nn.Module,
+    rates: Mapping[str, float | None],
+    variants: Mapping[str, Mapping[str, str]] | None = None,
+) -> None:
+    """Set every site's rate from ``rates`` (a missing or None entry switches the site off).
+
+    ``variants`` optionally gives a site's dropout ``kind`` (element or channel) and ``order``
+    (its slot); without it, sites use element-wise dropout in the after-activation slot.
+    """
+    variants = variants or {}
+    modules = list(iter_sites(model))
+    known = {site.site_name for site in modules}
+    unknown = sorted((set(rates) | set(variants)) - known)
     if unknown:
         raise ModelError(f"placement names unknown sites {unknown}; the model's sites are {sorted(known)}.")
-    for site in iter_sites(model):
+    slots = {(site.site_name, site.slot) for site in modules}
+    for site in modules:
         rate = rates.get(site.site_name)
         if rate is not None and not 0.0 <= rate < 1.0:
             raise ModelError(f"site {site.site_name!r} needs a rate in [0, 1), but got {rate}.")
-        site.p = None if rate is None or rate == 0.0 else float(rate)
+        variant = variants.get(site.site_name, {})
+        dropout_kind = variant.get("kind", "element")
+        order = variant.get("order", DEFAULT_ORDER)
+        if dropout_kind not in DROPOUT_KINDS or (dropout_kind == "channel" and site.kind != "conv"):
+            raise ModelError(f"site {site.site_name!r} cannot use dropout kind {dropout_kind!r}.")
+        if (site.site_name, order) not in slots:
+            raise ModelError(f"site {site.site_name!r} has no slot {order!r}.")
+        active = rate is not None and rate != 0.0 and site.slot == order
+        site.p = float(rate) if active else None
+        site.dropout_kind = dropout_kind

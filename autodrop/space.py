@@ -12,14 +12,103 @@ from typing import Any, Mapping
 import optuna
 
 from autodrop.errors import StorageError
+from autodrop.sites import DEFAULT_ORDER, DROPOUT_KINDS, ORDERS
 
 OFF, ON = "off", "on"
 Placement = dict[str, "float | None"]  # site name -> rate, or None where the site is off
+# site name -> {"kind": "element"|"channel", "order": "after-act"|"before-bn"}, for sites that are on
+Variants = dict[str, dict[str, str]]
 
 
 def rate_param(site: str) -> str:
     """Return the name of the parameter holding ``site``'s rate."""
     return f"{site}.p"
+
+
+def kind_param(site: str) -> str:
+    """Return the name of the parameter holding ``site``'s dropout kind (element or channel)."""
+    return f"{site}.kind"
+
+
+def order_param(site: str) -> str:
+    """Return the name of the parameter holding ``site``'s slot relative to batch norm."""
+    return f"{site}.order"
+
+
+def variant_choices(
+    site_kinds: Mapping[str, str],
+    site_orders: Mapping[str, tuple[str, ...]],
+    kinds: tuple[str, ...],
+    orders: tuple[str, ...],
+) -> dict[str, dict[str, tuple[str, ...]]]:
+    """Return, per site, the dropout kinds and orders the search chooses among.
+
+    Only conv sites have a kind to choose; only sites declared in several slots have an order.
+    A dimension left at its single default value is not searched at all.
+    """
+    choices: dict[str, dict[str, tuple[str, ...]]] = {}
+    for site, site_kind in site_kinds.items():
+        dims: dict[str, tuple[str, ...]] = {}
+        if site_kind == "conv" and tuple(kinds) != ("element",):
+            dims["kind"] = tuple(k for k in DROPOUT_KINDS if k in kinds)
+        slots = tuple(o for o in site_orders.get(site, ()) if o in orders)
+        if slots and slots != (DEFAULT_ORDER,):
+            dims["order"] = slots
+        if dims:
+            choices[site] = dims
+    return choices
+
+
+def suggest_variants(
+    trial: optuna.Trial, placement: Mapping[str, float | None], choices: Mapping[str, Mapping[str, tuple[str, ...]]]
+) -> Variants:
+    """Ask ``trial`` for the dropout kind and order of every site that is on and has a choice."""
+    variants: Variants = {}
+    for site, dims in choices.items():
+        if placement.get(site) is None:
+            continue
+        variant = {}
+        if "kind" in dims:
+            variant["kind"] = trial.suggest_categorical(kind_param(site), list(dims["kind"]))
+        if "order" in dims:
+            variant["order"] = trial.suggest_categorical(order_param(site), list(dims["order"]))
+        variants[site] = variant
+    return variants
+
+
+def default_variants(
+    placement: Mapping[str, float | None], choices: Mapping[str, Mapping[str, tuple[str, ...]]]
+) -> Variants:
+    """Return the plain variant (element-wise, after the activation, where allowed) for sites that are on."""
+    variants: Variants = {}
+    for site, dims in choices.items():
+        if placement.get(site) is None:
+            continue
+        variant = {}
+        if "kind" in dims:
+            variant["kind"] = "element" if "element" in dims["kind"] else dims["kind"][0]
+        if "order" in dims:
+            variant["order"] = DEFAULT_ORDER if DEFAULT_ORDER in dims["order"] else dims["order"][0]
+        variants[site] = variant
+    return variants
+
+
+def variants_from_params(params: Mapping[str, Any], sites: list[str]) -> Variants:
+    """Return the kinds and orders a trial's parameters encode, checking they are known values."""
+    variants: Variants = {}
+    for site in sites:
+        variant = {}
+        for key, param, allowed in (("kind", kind_param(site), DROPOUT_KINDS), ("order", order_param(site), ORDERS)):
+            if param in params:
+                if params[param] not in allowed:
+                    raise StorageError(
+                        f"stored parameter {param}={params[param]!r} is not one autodrop writes "
+                        f"(expected one of {', '.join(allowed)})."
+                    )
+                variant[key] = params[param]
+        if variant:
+            variants[site] = variant
+    return variants
 
 
 def suggest_placement(trial: optuna.Trial, sites: list[str], rate_range: tuple[float, float]) -> Placement:
@@ -33,13 +122,21 @@ def suggest_placement(trial: optuna.Trial, sites: list[str], rate_range: tuple[f
     return placement
 
 
-def placement_to_params(placement: Mapping[str, float | None]) -> dict[str, Any]:
+def placement_to_params(
+    placement: Mapping[str, float | None], variants: Mapping[str, Mapping[str, str]] | None = None
+) -> dict[str, Any]:
     """Return the trial parameters that encode ``placement`` (for enqueueing a known placement)."""
     params: dict[str, Any] = {}
+    variants = variants or {}
     for site, rate in placement.items():
         params[site] = OFF if rate is None else ON
         if rate is not None:
             params[rate_param(site)] = rate
+            variant = variants.get(site, {})
+            if "kind" in variant:
+                params[kind_param(site)] = variant["kind"]
+            if "order" in variant:
+                params[order_param(site)] = variant["order"]
     return params
 
 
@@ -61,9 +158,22 @@ def placement_from_params(params: Mapping[str, Any], sites: list[str]) -> Placem
     return placement
 
 
-def describe_placement(placement: Mapping[str, float | None]) -> str:
-    """Return the placement in words: ``"conv2 at 0.31, fc1 at 0.52"`` or ``"no dropout"``."""
-    on = [f"{site} at {rate:.2f}" for site, rate in placement.items() if rate is not None]
+def describe_placement(
+    placement: Mapping[str, float | None], variants: Mapping[str, Mapping[str, str]] | None = None
+) -> str:
+    """Return the placement in words: ``"conv2 at 0.31 (channel), fc1 at 0.52"`` or ``"no dropout"``."""
+    variants = variants or {}
+    on = []
+    for site, rate in placement.items():
+        if rate is None:
+            continue
+        variant = variants.get(site, {})
+        notes = []
+        if variant.get("kind", "element") != "element":
+            notes.append(variant["kind"])
+        if variant.get("order", DEFAULT_ORDER) != DEFAULT_ORDER:
+            notes.append(variant["order"])
+        on.append(f"{site} at {rate:.2f}" + (f" ({', '.join(notes)})" if notes else ""))
     return ", ".join(on) if on else "no dropout"
 
 

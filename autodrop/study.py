@@ -17,11 +17,12 @@ from autodrop.errors import ConfigError, StorageError
 CONFIG_ATTR = "autodrop.config"
 DATA_ATTR = "autodrop.data"
 SITES_ATTR = "autodrop.sites"
+CONFIRM_ATTR = "autodrop.confirmation"
 # Settings that change what a trial's number means; the rest (trials, timeout, device, pruner)
 # may differ between runs of one study.
 TRIAL_SETTINGS = (
     "data", "image-size", "channels", "val-fraction", "train-per-class",
-    "model", "epochs", "batch-size", "lr", "rate-range", "seed",
+    "model", "epochs", "batch-size", "lr", "rate-range", "kinds", "orders", "schedule", "seed",
 )
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 METRIC_NAME = "val_accuracy"
@@ -30,10 +31,16 @@ HEARTBEAT_INTERVAL_S = 15
 GRACE_PERIOD_S = 60
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """Return the storage at ``url``, or raise StorageError saying why it cannot be reached."""
+def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseStorage:
+    """Return the storage at ``url``, or raise StorageError saying why it cannot be reached.
+
+    With ``must_exist``, an SQLite file that is not there is an error rather than a new empty file:
+    commands that only read a study must not leave files behind.
+    """
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
+        if must_exist and not path.is_file():
+            raise StorageError(f"there is no study file {str(path)!r}; run autodrop search first, or pass --storage.")
         if path.name and not path.parent.exists():
             raise StorageError(f"cannot create the study file {str(path)!r}: folder {str(path.parent)!r} does not exist.")
     engine_kwargs: dict[str, Any] = {}

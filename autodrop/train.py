@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from autodrop.config import TrainConfig
 from autodrop.data import ImageData
+from autodrop.sites import iter_sites
 
 EVAL_CHUNK = 1024  # images per forward pass when evaluating; no gradients, so memory is small
 
@@ -109,7 +110,12 @@ def train_trial(
     n_train = len(data.train_labels)
     batch_size = min(config.batch_size, n_train)
     val_loss = val_accuracy = math.nan
+    # "Early dropout": regularise while the network finds its features, then train without it.
+    dropout_epochs = math.ceil(config.epochs / 2) if config.schedule == "early" else config.epochs
     for epoch in range(1, config.epochs + 1):
+        if epoch == dropout_epochs + 1:
+            for site in iter_sites(model):
+                site.p = None
         model.train()
         order = torch.randperm(n_train, generator=batch_generator).to(device)
         loss_sum = torch.zeros((), device=device)

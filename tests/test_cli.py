@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +18,17 @@ TINY_ARGS = ["--image-size", "16", "--train-per-class", "30", "--epochs", "2", "
              "--pruner", "none", "--quiet"]
 
 
-def run(args, cwd: Path):
-    runner = CliRunner()
-    with runner.isolated_filesystem(temp_dir=cwd):
-        result = runner.invoke(main, args, catch_exceptions=False)
-        written = sorted(p.name for p in Path.cwd().iterdir())
-    return result, written
+def run(args, tmp_path: Path):
+    """Invoke the CLI in a fresh working directory; return the result and the files it left there."""
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    previous = os.getcwd()
+    os.chdir(workdir)
+    try:
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+    finally:
+        os.chdir(previous)
+    return result, sorted(p.name for p in workdir.iterdir())
 
 
 def test_search_prints_placement_baselines_importances_and_where_it_is_stored(tmp_path):
