@@ -61,6 +61,7 @@ class SearchConfig:
     study: str | None = None  # None derives a name from the data and model
     storage: str | None = None  # an Optuna storage URL; None is ./autodrop.db
     timeout: float | None = None  # seconds after which no new trial starts
+    artifact_dir: str | None = None  # where kept weights go; None is a folder beside the SQLite file
 
     @property
     def study_name(self) -> str:
@@ -125,7 +126,8 @@ _DATA_KEYS = {"data": "source", "image-size": "image_size", "channels": "channel
               "val-fraction": "val_fraction", "train-per-class": "train_per_class"}
 _TRAIN_KEYS = {"epochs": "epochs", "batch-size": "batch_size", "lr": "lr", "device": "device"}
 _SEARCH_KEYS = {"model": "model", "trials": "trials", "rate-range": "rate_range", "pruner": "pruner",
-                "seed": "seed", "study": "study", "storage": "storage", "timeout": "timeout"}
+                "seed": "seed", "study": "study", "storage": "storage", "timeout": "timeout",
+                "artifact-dir": "artifact_dir"}
 OPTION_NAMES = tuple(_DATA_KEYS) + tuple(_TRAIN_KEYS) + tuple(_SEARCH_KEYS)
 
 
