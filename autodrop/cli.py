@@ -115,7 +115,7 @@ _ARTIFACT_HELP = "Folder of the kept weights; default: the one the search record
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
               help="Also write a self-contained HTML page (works offline).")
 def report(study: str | None, storage: str | None, html_path: str | None) -> None:
-    """Print a study's answer from storage alone, and optionally write it as an HTML page."""
+    """Print a study's answer from storage; --html also writes a page."""
     from autodrop.report_html import make_report
 
     try:
@@ -137,7 +137,7 @@ def report(study: str | None, storage: str | None, html_path: str | None) -> Non
               help="Port to listen on (0 picks a free one).")
 @click.option("--artifact-dir", default=None, help=_ARTIFACT_HELP)
 def dashboard(study: str | None, storage: str | None, host: str, port: int, artifact_dir: str | None) -> None:
-    """Open optuna-dashboard on a study, with the weights the search kept; Ctrl-C stops it."""
+    """Serve optuna-dashboard on a study; Ctrl-C stops it."""
     from autodrop.dashboard import run_dashboard
 
     def ready(running: Any) -> None:
@@ -166,7 +166,7 @@ def dashboard(study: str | None, storage: str | None, host: str, port: int, arti
               help="Where to retrain when the trial's weights were not kept.")
 def export(study: str | None, storage: str | None, trial: int | None, out: str, weights: str | None,
            artifact_dir: str | None, device: str) -> None:
-    """Write a trial's network as plain PyTorch source, and its weights."""
+    """Write a trial's network as PyTorch source, and its weights."""
     from autodrop.export import export_model
 
     try:

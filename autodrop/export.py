@@ -71,7 +71,7 @@ class ExportResult:
                 lines.append(f"Wrote the trial's stored weights to {self.weights_path}")
             else:
                 lines.append(
-                    f"No weights were kept for trial {self.trial}: retrained it with its seed "
+                    f"No stored weights for trial {self.trial}: retrained it with its seed "
                     f"(val accuracy {100 * (self.retrained_accuracy or 0.0):.1f}%, recorded "
                     f"{100 * self.val_accuracy:.1f}%) and wrote those weights to {self.weights_path}"
                 )

@@ -302,7 +302,7 @@ def site_story(result: SearchResult) -> str:
         return "off in the best trial" if rate is None else f"best at about {rate:.2f}"
 
     matter = [(site, share) for site, share in shares if share >= MATTERS_SHARE]
-    negligible = [site for site, share in shares if share < NEGLIGIBLE_SHARE]
+    negligible = [site for site in result.sites if result.importances.get(site, 0.0) < NEGLIGIBLE_SHARE]
     parts: list[str] = []
     if matter:
         described = "; ".join(f"{site} ({100 * share:.0f}% of the importance, {state(site)})" for site, share in matter)
@@ -311,9 +311,9 @@ def site_story(result: SearchResult) -> str:
     else:
         parts.append("No single site dominates: the effect is spread over the sites.")
     if negligible:
-        verb, each = ("does", "") if len(negligible) == 1 else ("do", " each")
+        each = "" if len(negligible) == 1 else " each"
         parts.append(
-            f"Dropout at {_join_words(negligible)} {verb} not matter here (under "
+            f"Dropout at {_join_words(negligible)} does not matter here (under "
             f"{100 * NEGLIGIBLE_SHARE:.0f}% of the importance{each})."
         )
     if result.importance_note:

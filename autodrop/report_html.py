@@ -8,6 +8,7 @@ before it reaches the page: a shared database can be edited by anyone.
 from __future__ import annotations
 
 import html
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,8 +314,12 @@ def baseline_figure(result: SearchResult) -> Any:
         hovertemplate="%{x}<br>train %{y:.1%}<extra></extra>",
     )
     values = [v for v in val + train if v is not None]
-    low = max(0.0, min(values) - 0.1)
-    _layout(fig, barmode="group", yaxis=dict(title="accuracy", tickformat=".0%", range=[low, min(1.08, max(values) + 0.06)]))
+    low = max(0.0, math.floor((min(values) - 0.08) * 20) / 20)
+    ticks = [t / 20 for t in range(round(low * 20), 21)]  # every 5 points, never past 100%
+    _layout(
+        fig, barmode="group",
+        yaxis=dict(title="accuracy", tickformat=".0%", tickvals=ticks, range=[low, min(1.08, max(values) + 0.06)]),
+    )
     return fig
 
 
@@ -370,11 +375,10 @@ def history_figure(study: optuna.Study, result: SearchResult) -> Any:
         )
     if baselines:
         fig.add_scatter(
-            name="baselines", mode="markers+text", x=[t.number for t in baselines], y=[t.value for t in baselines],
+            name="baselines", mode="markers", x=[t.number for t in baselines], y=[t.value for t in baselines],
             marker=dict(color=_BASELINE, size=10, symbol="diamond"),
-            text=[_e(t.user_attrs.get("baseline")) for t in baselines], textposition="bottom center",
-            customdata=[words.get(t.number, "") for t in baselines],
-            hovertemplate="trial %{x}: %{y:.1%}<br>%{customdata}<extra></extra>",
+            customdata=[f"{_e(t.user_attrs.get('baseline'))}: {words.get(t.number, '')}" for t in baselines],
+            hovertemplate="trial %{x}: %{y:.1%}<br>baseline %{customdata}<extra></extra>",
         )
     if pruned:
         fig.add_scatter(

@@ -46,10 +46,19 @@ class TinyStudy:
 @pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> TinyStudy:
     """A finished six-trial digits study, its weights kept beside the database."""
+    import torch
+
     from autodrop.search import search
 
     study = TinyStudy(tmp_path_factory.mktemp("tiny-study"))
-    search(**TINY_SEARCH, storage=study.url)
+    # One thread: on a small shared CPU box, torch's thread pool fighting other processes makes
+    # this tiny network tens of times slower, and one thread loses nothing at this size.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        search(**TINY_SEARCH, storage=study.url)
+    finally:
+        torch.set_num_threads(threads)
     return study
 
 
