@@ -14,7 +14,9 @@ __all__ = [
     "AutodropError",
     "SearchConfig",
     "SearchResult",
+    "export_model",
     "load_results",
+    "make_report",
     "search",
     "__version__",
 ]
@@ -22,6 +24,8 @@ __all__ = [
 _LAZY = {
     "search": "autodrop.pipeline",
     "load_results": "autodrop.report",
+    "export_model": "autodrop.export",
+    "make_report": "autodrop.report_html",
     "SearchResult": "autodrop.report",
     "SearchConfig": "autodrop.config",
     "AutodropError": "autodrop.errors",
@@ -30,8 +34,10 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover
     from autodrop.config import SearchConfig
     from autodrop.errors import AutodropError
+    from autodrop.export import export_model
     from autodrop.report import SearchResult, load_results
     from autodrop.pipeline import search
+    from autodrop.report_html import make_report
 
 
 def __getattr__(name: str) -> Any:

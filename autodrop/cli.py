@@ -77,6 +77,8 @@ def main() -> None:
 @click.option("--study", default=None, help="Study name; default: made from the data and model.")
 @click.option("--storage", default=None, help="Optuna storage URL; default: sqlite file ./autodrop.db.")
 @click.option("--timeout", type=float, default=None, help="Seconds after which no new trial starts.")
+@click.option("--artifact-dir", default=None,
+              help="Folder for the best trials' weights; default: beside the SQLite file, or ./autodrop-artifacts.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def search(ctx: click.Context, spec: str | None, quiet: bool, **options: Any) -> None:
@@ -104,17 +106,91 @@ def search(ctx: click.Context, spec: str | None, quiet: bool, **options: Any) ->
     click.echo(format_result(result))
     click.echo("")
     click.echo(f"Stored as study {result.study_name!r} in {result.storage_url}")
-    click.echo(f"Look further: optuna-dashboard {shlex.quote(result.storage_url)}")
+    where = f"--study {shlex.quote(result.study_name)} --storage {shlex.quote(result.storage_url)}"
+    click.echo(f"Look further: autodrop report {where} --html report.html   (or: autodrop dashboard {where})")
+
+
+_STUDY_HELP = "Study name; default: the storage's only study."
+_STORAGE_HELP = "Optuna storage URL; default: sqlite file ./autodrop.db."
+_ARTIFACT_HELP = "Folder of the kept weights; default: the one the search recorded."
 
 
 @main.command()
-@click.option("--study", "study_name", default=SearchConfig().study_name, show_default=True, help="The study to confirm.")
+@click.option("--study", default=None, help=_STUDY_HELP)
+@click.option("--storage", default=None, help=_STORAGE_HELP)
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write a self-contained HTML page (works offline).")
+def report(study: str | None, storage: str | None, html_path: str | None) -> None:
+    """Print a study's answer from storage; --html also writes a page."""
+    from autodrop.report_html import make_report
+
+    try:
+        result = make_report(study, storage, html_path=html_path)
+    except AutodropError as e:
+        raise UserInputError(str(e)) from e
+    click.echo(result.text)
+    if result.html_path is not None:
+        click.echo("")
+        click.echo(f"Wrote the report page to {result.html_path}")
+
+
+@main.command()
+@click.option("--study", default=None, help=_STUDY_HELP)
+@click.option("--storage", default=None, help=_STORAGE_HELP)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 makes the dashboard reachable from other machines.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port to listen on (0 picks a free one).")
+@click.option("--artifact-dir", default=None, help=_ARTIFACT_HELP)
+def dashboard(study: str | None, storage: str | None, host: str, port: int, artifact_dir: str | None) -> None:
+    """Serve optuna-dashboard on a study; Ctrl-C stops it."""
+    from autodrop.dashboard import run_dashboard
+
+    def ready(running: Any) -> None:
+        click.echo(f"Dashboard for study {running.dashboard.study_name!r}: {running.url}")
+        if running.dashboard.artifact_dir is None:
+            click.echo("(no kept weights were found, so the dashboard lists no artifacts)")
+        click.echo("Press Ctrl-C to stop.")
+
+    try:
+        run_dashboard(study, storage, host=host, port=port, artifact_dir=artifact_dir, on_ready=ready)
+    except AutodropError as e:
+        raise UserInputError(str(e)) from e
+    click.echo("Dashboard stopped.")
+
+
+@main.command()
+@click.option("--study", default=None, help=_STUDY_HELP)
+@click.option("--storage", default=None, help=_STORAGE_HELP)
+@click.option("--trial", type=click.IntRange(min=0), default=None,
+              help="Trial number to export; default: the best completed trial.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Python file to write the network to.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="Also write the trial's trained weights (a state dict) here.")
+@click.option("--artifact-dir", default=None, help=_ARTIFACT_HELP)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="Where to retrain when the trial's weights were not kept.")
+def export(study: str | None, storage: str | None, trial: int | None, out: str, weights: str | None,
+           artifact_dir: str | None, device: str) -> None:
+    """Write a trial's network as PyTorch source, and its weights."""
+    from autodrop.export import export_model
+
+    try:
+        result = export_model(study, storage, out=out, trial=trial, weights=weights, artifact_dir=artifact_dir,
+                              device=device)
+    except AutodropError as e:
+        raise UserInputError(str(e)) from e
+    click.echo(result.describe())
+
+
+@main.command()
+@click.option("--study", "study_name", default=None, help="The study to confirm; default: the storage's only study.")
 @click.option("--storage", default=None, help="Optuna storage URL; default: sqlite file ./autodrop.db.")
 @click.option("--seeds", type=int, default=5, show_default=True, help="Fresh seeds per placement.")
 @click.option("--top", type=int, default=3, show_default=True, help="Best searched placements to retrain.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def confirm(study_name: str, storage: str | None, seeds: int, top: int, device: str, quiet: bool) -> None:
+def confirm(study_name: str | None, storage: str | None, seeds: int, top: int, device: str, quiet: bool) -> None:
     """Retrain the top placements and every baseline with fresh seeds, and test the lead."""
     from autodrop.report import format_confirmation
 
@@ -129,7 +205,7 @@ def confirm(study_name: str, storage: str | None, seeds: int, top: int, device: 
     except AutodropError as e:
         raise UserInputError(str(e)) from e
     click.echo(format_confirmation(confirmation.to_dict()))
-    click.echo(f"\nStored with study {study_name!r}; autodrop report shows it from now on.")
+    click.echo("\nStored with the study; autodrop report shows it from now on.")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -71,6 +71,7 @@ class SearchConfig:
     study: str | None = None  # None derives a name from the data and model
     storage: str | None = None  # an Optuna storage URL; None is ./autodrop.db
     timeout: float | None = None  # seconds after which no new trial starts
+    artifact_dir: str | None = None  # where kept weights go; None is a folder beside the SQLite file
 
     @property
     def study_name(self) -> str:
@@ -146,7 +147,8 @@ _TRAIN_KEYS = {"epochs": "epochs", "batch-size": "batch_size", "lr": "lr", "devi
                "schedule": "schedule"}
 _SEARCH_KEYS = {"model": "model", "trials": "trials", "rate-range": "rate_range", "kinds": "kinds",
                 "orders": "orders", "pruner": "pruner", "seed": "seed", "study": "study", "storage": "storage",
-                "timeout": "timeout"}
+                "timeout": "timeout",
+                "artifact-dir": "artifact_dir"}
 OPTION_NAMES = tuple(_DATA_KEYS) + tuple(_TRAIN_KEYS) + tuple(_SEARCH_KEYS)
 
 

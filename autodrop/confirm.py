@@ -21,7 +21,7 @@ from autodrop.errors import ConfigError, StorageError
 from autodrop.models import ModelShape, build_model
 from autodrop.sites import apply_placement
 from autodrop.space import describe_placement, placement_from_params, variants_from_params
-from autodrop.study import CONFIG_ATTR, CONFIRM_ATTR, DATA_ATTR, SITES_ATTR, load_study, open_storage
+from autodrop.study import CONFIG_ATTR, CONFIRM_ATTR, DATA_ATTR, SITES_ATTR, find_study, open_storage
 from autodrop.train import Normaliser, TrainingDiverged, resolve_device, train_trial
 
 # Confirmation seeds never coincide with the search's trial seeds (seed * 1_000_003 + number).
@@ -81,7 +81,7 @@ class Confirmation:
 
 
 def confirm_study(
-    study_name: str,
+    study_name: str | None,
     storage: str | None = None,
     *,
     n_seeds: int = 5,
@@ -89,13 +89,16 @@ def confirm_study(
     device: str = "auto",
     on_run: Callable[[str, int], None] | None = None,
 ) -> Confirmation:
-    """Retrain the study's ``top`` placements and its baselines with ``n_seeds`` seeds; store and return the result."""
+    """Retrain the study's ``top`` placements and its baselines with ``n_seeds`` seeds; store and return the result.
+
+    ``study_name`` None picks the storage's only study.
+    """
     if n_seeds < 2:
         raise ConfigError(f"--seeds must be at least 2 for a paired test, but got {n_seeds}.")
     if top < 1:
         raise ConfigError(f"--top must be at least 1, but got {top}.")
     url = SearchConfig(storage=storage).storage_url
-    study = load_study(open_storage(url, must_exist=True), study_name)
+    study = find_study(open_storage(url, must_exist=True), study_name)
     config = _stored_config(study, url)
     candidates = select_candidates(study, top)
     data = load_data(config.data)

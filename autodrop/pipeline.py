@@ -11,6 +11,7 @@ from typing import Any
 import optuna
 import torch
 
+from autodrop.artifacts import keep_weights_if_top, prepare_records, save_trial_note
 from autodrop.config import SearchConfig, config_from_options, config_to_options, validate
 from autodrop.data import ImageData, load_data
 from autodrop.errors import ConfigError, ModelError
@@ -194,6 +195,9 @@ def _run_trials(
 ) -> None:
     data_on_device = data.to(device)
     normaliser = Normaliser(data.train_images).to(device)
+    weights_store = prepare_records(
+        study, storage_url=config.storage_url, artifact_dir=config.artifact_dir, normaliser=normaliser
+    )
     shape = ModelShape(data.channels, data.n_classes, data.image_size)
     site_names = list(sites)
     epochs = config.train.epochs
@@ -205,6 +209,7 @@ def _run_trials(
         seed = int(trial.user_attrs.get("seed", (config.seed * 1_000_003 + trial.number) % 2**31))
         trial.set_user_attr("seed", seed)
         is_baseline = BASELINE_ATTR in trial.user_attrs
+        baseline = trial.user_attrs.get(BASELINE_ATTR)  # the recipe's name, for the trial's note
         torch.manual_seed(seed)
         model = build_model(config.model, shape)
         apply_placement(model, placement, variants)
@@ -218,6 +223,8 @@ def _run_trials(
             # Baselines are the yardstick: they always run to the end.
             if not is_baseline and m.epoch < epochs and trial.should_prune():
                 trial.set_user_attr("pruned_reason", f"val accuracy {m.val_accuracy:.4f} at epoch {m.epoch}")
+                save_trial_note(trial, placement, baseline=baseline, val_accuracy=m.val_accuracy, pruned_at=m.epoch,
+                                variants=variants)
                 raise optuna.TrialPruned(f"pruned at epoch {m.epoch}")
 
         try:
@@ -226,11 +233,15 @@ def _run_trials(
             )
         except TrainingDiverged as e:
             trial.set_user_attr("fail_reason", str(e))
+            save_trial_note(trial, placement, baseline=baseline, failure=str(e), variants=variants)
             raise
         trial.set_user_attr("train_accuracy", metrics.train_accuracy)
         trial.set_user_attr("train_loss", metrics.train_loss)
         trial.set_user_attr("val_loss", metrics.val_loss)
         trial.set_user_attr("gap", metrics.gap)
+        save_trial_note(trial, placement, baseline=baseline, val_accuracy=metrics.val_accuracy,
+                        train_accuracy=metrics.train_accuracy, variants=variants)
+        keep_weights_if_top(study, trial, model, metrics.val_accuracy, store=weights_store)
         return metrics.val_accuracy
 
     consecutive_failures = 0

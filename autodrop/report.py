@@ -322,3 +322,46 @@ def _pct(value: float | None) -> str:
 def _pts(value: float | None) -> str:
     # Adding 0.0 turns a rounded -0.0 into 0.0, so a zero gap never prints as "-0.0".
     return "-" if value is None else f"{round(100 * value, 1) + 0.0:+.1f}"
+
+
+# A site whose share of the importance is at least this much "matters"; below the lower bound it
+# "hardly matters". Shares sum to 1 over all sites (on/off and rate together).
+MATTERS_SHARE = 0.2
+NEGLIGIBLE_SHARE = 0.05
+
+
+def site_story(result: SearchResult) -> str:
+    """Return which sites matter and which do not, in plain language, from the importances."""
+    if result.importances is None:
+        return f"Which sites matter cannot be told yet: {result.importance_note or 'no importances.'}"
+    shares = sorted(result.importances.items(), key=lambda item: -item[1])
+    best = result.best.placement if result.best is not None else {}
+
+    def state(site: str) -> str:
+        rate = best.get(site)
+        return "off in the best trial" if rate is None else f"best at about {rate:.2f}"
+
+    matter = [(site, share) for site, share in shares if share >= MATTERS_SHARE]
+    negligible = [site for site in result.sites if result.importances.get(site, 0.0) < NEGLIGIBLE_SHARE]
+    parts: list[str] = []
+    if matter:
+        described = "; ".join(f"{site} ({100 * share:.0f}% of the importance, {state(site)})" for site, share in matter)
+        lead = "Most of the effect comes from" if len(matter) == 1 else "The effect comes mostly from"
+        parts.append(f"{lead} {described}.")
+    else:
+        parts.append("No single site dominates: the effect is spread over the sites.")
+    if negligible:
+        each = "" if len(negligible) == 1 else " each"
+        parts.append(
+            f"Dropout at {_join_words(negligible)} does not matter here (under "
+            f"{100 * NEGLIGIBLE_SHARE:.0f}% of the importance{each})."
+        )
+    if result.importance_note:
+        parts.append(f"Note: {result.importance_note}")
+    return " ".join(parts)
+
+
+def _join_words(words: list[str]) -> str:
+    if len(words) <= 2:
+        return " and ".join(words)
+    return ", ".join(words[:-1]) + " and " + words[-1]

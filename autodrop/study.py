@@ -34,13 +34,13 @@ GRACE_PERIOD_S = 60
 def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseStorage:
     """Return the storage at ``url``, or raise StorageError saying why it cannot be reached.
 
-    With ``must_exist``, an SQLite file that is not there is an error rather than a new empty file:
-    commands that only read a study must not leave files behind.
+    With ``must_exist`` (the commands that only read: report, export, dashboard) an SQLite file
+    that is not there is an error rather than a new empty database left behind.
     """
+    if must_exist:
+        _require_sqlite_file(url)
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
-        if must_exist and not path.is_file():
-            raise StorageError(f"there is no study file {str(path)!r}; run autodrop search first, or pass --storage.")
         if path.name and not path.parent.exists():
             raise StorageError(f"cannot create the study file {str(path)!r}: folder {str(path.parent)!r} does not exist.")
     engine_kwargs: dict[str, Any] = {}
@@ -66,6 +66,24 @@ def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseS
     except Exception as e:  # SQLAlchemy raises a different type per dialect and failure
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StorageError(f"cannot open storage {_safe_url(url)!r}: {reason}") from e
+
+
+def _require_sqlite_file(url: str) -> None:
+    if not url.startswith("sqlite"):
+        return
+    try:
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+    except Exception as e:
+        raise StorageError(f"storage {url!r} is not a valid database URL: {e}.") from e
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    if not Path(database).is_file():
+        raise StorageError(
+            f"storage {url!r} names the SQLite file {database!r}, which does not exist; run "
+            "autodrop search first, or pass the --storage that the search used."
+        )
 
 
 def _safe_url(url: str) -> str:
@@ -147,3 +165,20 @@ def load_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
 def count_finished(study: optuna.Study) -> int:
     """Return how many trials finished (completed or pruned); failed ones do not count."""
     return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+
+def find_study(storage: optuna.storages.BaseStorage, name: str | None) -> optuna.Study:
+    """Return the study ``name``, or the storage's only study when ``name`` is None.
+
+    Raises StorageError listing the studies there when the name is unknown or is needed to choose.
+    """
+    names = optuna.get_all_study_names(storage)
+    if name is None:
+        if len(names) == 1:
+            name = names[0]
+        elif not names:
+            raise StorageError("this storage holds no study yet; run autodrop search first.")
+        else:
+            raise StorageError(f"this storage holds several studies; pick one with --study: {', '.join(names)}.")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return load_study(storage, name)

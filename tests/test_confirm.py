@@ -84,4 +84,4 @@ def test_confirm_bad_input_is_one_line(tmp_path, args, message):
 def test_confirm_on_a_missing_study_file_creates_nothing(tmp_path):
     missing = tmp_path / "none.db"
     result = CliRunner().invoke(main, ["confirm", "--storage", f"sqlite:///{missing}"])
-    assert result.exit_code == 2 and "no study file" in result.output and not missing.exists()
+    assert result.exit_code == 2 and "which does not exist" in result.output and not missing.exists()

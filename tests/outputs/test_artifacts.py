@@ -1,0 +1,103 @@
+"""What the search keeps for report, export and dashboard: notes, the best weights, their folder."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.artifacts import FileSystemArtifactStore
+
+from autodrop.artifacts import (
+    ARTIFACT_DIR_ATTR,
+    NORMALISER_ATTR,
+    default_artifact_dir,
+    find_weights,
+    keep_weights_if_top,
+    load_weights,
+    resolve_artifact_dir,
+    trial_note,
+)
+from autodrop.errors import StorageError
+from autodrop.study import find_study, open_storage
+
+
+def test_note_gives_placement_accuracies_gap_and_baseline():
+    note = trial_note({"conv1": None, "fc1": 0.4213}, baseline="head", val_accuracy=0.9, train_accuracy=0.975)
+    assert "**Dropout:** `fc1` at 0.42" in note
+    assert "**Off:** `conv1`" in note
+    assert "**Baseline recipe:** head" in note
+    assert "validation 90.0%, train 97.5%, gap +7.5 points" in note
+
+
+def test_note_of_pruned_and_failed_trials_says_so():
+    assert "**Pruned** after epoch 2 with validation accuracy 51.0%" in trial_note(
+        {"fc1": None}, val_accuracy=0.51, pruned_at=2
+    )
+    assert "**Failed:** training loss became nan" in trial_note({"fc1": None}, failure="training loss became nan")
+    assert "**Dropout:** none" in trial_note({"fc1": None})
+
+
+def test_default_artifact_dir_sits_beside_the_sqlite_file(tmp_path, monkeypatch):
+    assert default_artifact_dir(f"sqlite:///{tmp_path / 'runs.db'}") == tmp_path / "runs-artifacts"
+    monkeypatch.chdir(tmp_path)
+    assert default_artifact_dir("postgresql://u@h/db") == tmp_path / "autodrop-artifacts"
+
+
+def test_weights_are_kept_only_for_the_best_few(tmp_path):
+    import torch
+
+    study = optuna.create_study(direction="maximize")
+    store = FileSystemArtifactStore(tmp_path)
+    kept = {}
+    # The fifth trial (0.5) ranks behind three better ones and is not kept; the sixth (0.95) leads.
+    for value in (0.9, 0.8, 0.7, 0.85, 0.5, 0.95):
+        trial = study.ask()
+        model = torch.nn.Linear(2, 2)
+        kept[trial.number] = keep_weights_if_top(study, trial, model, value, store=store, keep=3) is not None
+        study.tell(trial, value)
+    assert kept == {0: True, 1: True, 2: True, 3: True, 4: False, 5: True}
+    frozen = study.trials[5]
+    artifact = find_weights(frozen, study._storage)
+    state = load_weights(store, artifact)
+    assert set(state) == {"weight", "bias"}
+    assert find_weights(study.trials[4], study._storage) is None
+
+
+def test_search_records_artifact_dir_scaling_notes_and_weights(tiny_study):
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    study = tiny_study.load()
+    assert study.user_attrs[ARTIFACT_DIR_ATTR] == str(tiny_study.artifact_dir)
+    assert len(study.user_attrs[NORMALISER_ATTR]["scale"]) == 1
+    system_attrs = study._storage.get_study_system_attrs(study._study_id)
+    for trial in study.trials:
+        assert "**Dropout:**" in get_note_from_system_attrs(system_attrs, trial._trial_id)["body"]
+    store = FileSystemArtifactStore(tiny_study.artifact_dir)
+    best = study.best_trial
+    assert load_weights(store, find_weights(best, study._storage)) is not None
+    kept = [t.number for t in study.trials if find_weights(t, study._storage)]
+    assert kept[:3] == [0, 1, 2] and best.number in kept  # the first three always rank in the top three
+
+
+def test_artifact_dir_option_overrides_the_recorded_one(tiny_study, tmp_path):
+    study = tiny_study.load()
+    assert resolve_artifact_dir(study, tiny_study.url, None) == tiny_study.artifact_dir
+    assert resolve_artifact_dir(study, tiny_study.url, tmp_path) == tmp_path
+
+
+def test_read_only_open_does_not_create_a_missing_sqlite_file(tmp_path):
+    missing = tmp_path / "missing.db"
+    with pytest.raises(StorageError, match="does not exist"):
+        open_storage(f"sqlite:///{missing}", must_exist=True)
+    assert not missing.exists()
+
+
+def test_find_study_picks_the_only_study_and_lists_them_otherwise(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    optuna.create_study(study_name="one", storage=url)
+    storage = open_storage(url, must_exist=True)
+    assert find_study(storage, None).study_name == "one"
+    optuna.create_study(study_name="two", storage=url)
+    with pytest.raises(StorageError, match="several studies; pick one with --study: one, two"):
+        find_study(storage, None)
+    with pytest.raises(StorageError, match="no study named 'three' in this storage; studies there: one, two"):
+        find_study(storage, "three")
