@@ -11,7 +11,7 @@ import torch
 from autodrop.config import SearchConfig, config_from_options, config_to_options, validate
 from autodrop.data import ImageData, load_data
 from autodrop.errors import ConfigError, ModelError
-from autodrop.models import ModelShape, build_model, get_model_entry
+from autodrop.models import ModelShape, build_model, check_model
 from autodrop.report import BASELINE_ATTR, SearchResult, summarize_study
 from autodrop.sites import apply_placement, site_kinds
 from autodrop.space import baseline_placements, placement_to_params, suggest_placement
@@ -84,12 +84,12 @@ def search(data: str | None = None, *, config: SearchConfig | None = None, progr
 
 def run_search(config: SearchConfig, *, progress: Progress) -> SearchResult:
     """Run the search ``config`` describes; the steps every entry point shares."""
-    get_model_entry(config.model)  # an unknown name fails before any data is read
+    check_model(config.model, config.model_args)  # an unknown model fails before any data is read
     device = resolve_device(config.train.device)
     _check_device(device)
     data = load_data(config.data)
     shape = ModelShape(data.channels, data.n_classes, data.image_size)
-    sites = _probe_sites(config.model, shape)
+    sites = _probe_sites(config.model, shape, config.model_args)
 
     storage = open_storage(config.storage_url)
     study = create_or_load_study(
@@ -115,9 +115,9 @@ def _check_device(device: torch.device) -> None:
         raise ConfigError("--device mps was asked for, but MPS is not available here; use --device cpu or auto.")
 
 
-def _probe_sites(model_name: str, shape: ModelShape) -> dict[str, str]:
+def _probe_sites(model_name: str, shape: ModelShape, model_args: dict[str, Any]) -> dict[str, str]:
     """Build the model once to list its sites and check that it fits the data."""
-    model = build_model(model_name, shape)
+    model = build_model(model_name, shape, model_args=model_args)
     kinds = site_kinds(model)
     if not kinds:
         raise ModelError(f"model {model_name!r} has no drop sites to search.")
@@ -189,7 +189,7 @@ def _run_trials(
         trial.set_user_attr("seed", seed)
         is_baseline = BASELINE_ATTR in trial.user_attrs
         torch.manual_seed(seed)
-        model = build_model(config.model, shape)
+        model = build_model(config.model, shape, model_args=config.model_args)
         apply_placement(model, placement)
 
         def on_epoch(m: EpochMetrics) -> None:

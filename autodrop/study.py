@@ -21,7 +21,7 @@ SITES_ATTR = "autodrop.sites"
 # may differ between runs of one study.
 TRIAL_SETTINGS = (
     "data", "image-size", "channels", "val-fraction", "train-per-class",
-    "model", "epochs", "batch-size", "lr", "rate-range", "seed",
+    "model", "model-args", "epochs", "batch-size", "lr", "rate-range", "seed",
 )
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 METRIC_NAME = "val_accuracy"
@@ -125,6 +125,8 @@ def create_or_load_study(
 
 
 def _normalise(value: Any) -> Any:
+    if isinstance(value, dict) and not value:
+        return None  # studies made before model arguments existed store none
     return list(value) if isinstance(value, tuple) else value
 
 
