@@ -14,10 +14,26 @@ import click
 from click.core import ParameterSource
 
 from autodrop import __version__
-from autodrop.config import DEVICES, PRUNERS, SCHEDULES, DataConfig, SearchConfig, TrainConfig, config_from_options, read_spec
+from autodrop.config import (
+    DEVICES,
+    PRUNERS,
+    SCHEDULES,
+    DataConfig,
+    SearchConfig,
+    TrainConfig,
+    absolute_model_spec,
+    config_from_options,
+    parse_model_args,
+    read_spec,
+)
 from autodrop.errors import AutodropError, AutodropWarning
 
 _DEFAULTS = SearchConfig()
+_MODEL_HELP = (
+    "A built-in model (simple-cnn, seed-cnn), your own as path/to/file.py:ClassName or "
+    "package.module:ClassName (a class or a function returning a module), or torchvision:NAME."
+)
+_MODEL_ARG_HELP = "An argument for your model's constructor, e.g. --model-arg width=16 (repeatable)."
 
 
 class UserInputError(click.ClickException):
@@ -49,7 +65,8 @@ def main() -> None:
               help="A TOML study spec (see studies/); options given here override it.")
 @click.option("--data", default=DataConfig.source, show_default=True,
               help="'digits' (built in) or a folder of class subfolders, or with train/ and val/.")
-@click.option("--model", default=_DEFAULTS.model, show_default=True, help="A built-in model name.")
+@click.option("--model", default=_DEFAULTS.model, show_default=True, help=_MODEL_HELP)
+@click.option("--model-arg", "model_arg", multiple=True, metavar="KEY=VALUE", help=_MODEL_ARG_HELP)
 @click.option("--trials", type=int, default=_DEFAULTS.trials, show_default=True,
               help="Finished trials the study ends with (a rerun adds only what is missing).")
 @click.option("--epochs", type=int, default=TrainConfig.epochs, show_default=True, help="Epochs per trial.")
@@ -81,12 +98,14 @@ def main() -> None:
               help="Folder for the best trials' weights; default: beside the SQLite file, or ./autodrop-artifacts.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
-def search(ctx: click.Context, spec: str | None, quiet: bool, **options: Any) -> None:
+def search(ctx: click.Context, spec: str | None, quiet: bool, model_arg: tuple[str, ...], **options: Any) -> None:
     """Search where dropout should go, and how strong, on your data and model."""
     from autodrop.report import format_result
 
     try:
         given = read_spec(spec) if spec else {}
+        if model_arg:  # on top of the spec's: a key given here wins
+            given["model-args"] = {**parse_model_args(given.get("model-args") or {}), **parse_model_args(model_arg)}
         for name, value in options.items():
             if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT:
                 given[name.replace("_", "-")] = value
@@ -206,6 +225,36 @@ def confirm(study_name: str | None, storage: str | None, seeds: int, top: int, d
         raise UserInputError(str(e)) from e
     click.echo(format_confirmation(confirmation.to_dict()))
     click.echo("\nStored with the study; autodrop report shows it from now on.")
+
+
+@main.command()
+@click.option("--config", "spec", type=click.Path(dir_okay=False),
+              help="A TOML study spec: its model, model-args, image-size and channels are used.")
+@click.option("--model", default=None, help=_MODEL_HELP + f"  [default: {_DEFAULTS.model}]")
+@click.option("--model-arg", "model_arg", multiple=True, metavar="KEY=VALUE", help=_MODEL_ARG_HELP)
+@click.option("--image-size", type=click.IntRange(8, 1024), default=None,
+              help=f"Pixels per side of the images the model gets.  [default: {DataConfig.image_size}]")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Gray (1) or colour (3).  [default: 3]")
+@click.option("--classes", type=click.IntRange(2, 100_000), default=10, show_default=True,
+              help="Number of classes the model is built for.")
+def sites(spec: str | None, model: str | None, model_arg: tuple[str, ...], image_size: int | None,
+          channels: str | None, classes: int) -> None:
+    """List the candidate drop sites autodrop finds in a model, without training anything."""
+    try:
+        given = read_spec(spec) if spec else {}
+        name = model or given.get("model") or _DEFAULTS.model
+        args = {**parse_model_args(given.get("model-args") or {}), **parse_model_args(model_arg)}
+        size = image_size or given.get("image-size") or DataConfig.image_size
+        n_channels = int(channels or given.get("channels") or 3)
+        from autodrop.discover import format_sites
+        from autodrop.models import ModelShape, describe_model_sites
+
+        shape = ModelShape(n_channels, classes, int(size))
+        found = describe_model_sites(absolute_model_spec(name), shape, model_args=args)
+    except AutodropError as e:
+        raise UserInputError(str(e)) from e
+    title = f"Model {name}: input {n_channels}x{size}x{size}, {classes} classes"
+    click.echo(format_sites(found, title=title))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -61,7 +61,8 @@ class SearchConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    model: str = "simple-cnn"  # a registered model name
+    model: str = "simple-cnn"  # a built-in name, FILE.py:NAME, package.module:NAME or torchvision:NAME
+    model_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments for a user model
     trials: int = 24  # finished trials the study ends with, baselines included
     rate_range: tuple[float, float] = (0.05, 0.7)  # lowest and highest dropout rate searched
     kinds: tuple[str, ...] = DROPOUT_KINDS  # dropout kinds searched at conv sites
@@ -79,7 +80,11 @@ class SearchConfig:
         if self.study:
             return self.study
         data_name = Path(self.data.source).name or "data"
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{data_name}-{self.model}").strip("-")
+        model = self.model
+        if is_file_model_spec(model):  # the stored path is absolute: name it by file and class
+            path, _, attr = model.rpartition(":")
+            model = f"{Path(path).stem}-{attr}"
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{data_name}-{model}").strip("-")
         return slug
 
     @property
@@ -132,6 +137,11 @@ def validate(config: SearchConfig) -> SearchConfig:
         f"--timeout must be a positive number of seconds, but got {config.timeout}.",
     )
     _check(bool(config.model), "--model must name a model, but got an empty string.")
+    for key in config.model_args:
+        _check(
+            isinstance(key, str) and key.isidentifier(),
+            f"--model-arg names must be Python identifiers, but got {key!r}.",
+        )
     return config
 
 
@@ -145,7 +155,7 @@ _DATA_KEYS = {"data": "source", "image-size": "image_size", "channels": "channel
               "val-fraction": "val_fraction", "train-per-class": "train_per_class"}
 _TRAIN_KEYS = {"epochs": "epochs", "batch-size": "batch_size", "lr": "lr", "device": "device",
                "schedule": "schedule"}
-_SEARCH_KEYS = {"model": "model", "trials": "trials", "rate-range": "rate_range", "kinds": "kinds",
+_SEARCH_KEYS = {"model": "model", "model-args": "model_args", "trials": "trials", "rate-range": "rate_range", "kinds": "kinds",
                 "orders": "orders", "pruner": "pruner", "seed": "seed", "study": "study", "storage": "storage",
                 "timeout": "timeout",
                 "artifact-dir": "artifact_dir"}
@@ -169,6 +179,10 @@ def config_from_options(options: Mapping[str, Any]) -> SearchConfig:
     for key in ("kinds", "orders"):
         if key in given:
             given[key] = _choice_list(given[key])
+    if "model-args" in given:
+        given["model-args"] = parse_model_args(given["model-args"])
+    if isinstance(given.get("model"), str):
+        given["model"] = absolute_model_spec(given["model"])
     try:
         data = DataConfig(**{_DATA_KEYS[k]: v for k, v in given.items() if k in _DATA_KEYS})
         train = TrainConfig(**{_TRAIN_KEYS[k]: v for k, v in given.items() if k in _TRAIN_KEYS})
@@ -195,6 +209,70 @@ def _choice_list(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = value.split(",")
     return tuple(str(v).strip() for v in value if str(v).strip())
+
+
+def parse_model_args(value: Any) -> dict[str, Any]:
+    """Return model keyword arguments from a mapping (TOML) or ``KEY=VALUE`` strings (CLI).
+
+    Values given as text become int, float, bool (true/false) or None (none) where they read as
+    one, else stay text: ``depth=3`` passes the number 3.
+    """
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        if isinstance(value, str):
+            value = [value]
+        pairs = []
+        for item in value:
+            key, sep, text = str(item).partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--model-arg must be KEY=VALUE, but got {item!r}.")
+            pairs.append((key.strip(), parse_value(text.strip())))
+    args: dict[str, Any] = {}
+    for key, item in pairs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ConfigError(f"--model-arg names must be Python identifiers, but got {key!r}.")
+        if not (item is None or isinstance(item, (bool, int, float, str))):
+            raise ConfigError(f"--model-arg {key} must be a number, true/false or text, but got {item!r}.")
+        args[key] = item
+    return args
+
+
+def parse_value(text: str) -> Any:
+    """Return ``text`` as the int, float, bool or None it spells, else as the text itself."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def is_file_model_spec(spec: str) -> bool:
+    """Return whether ``spec`` names a class in a Python file (``path/net.py:Net``)."""
+    path, sep, _ = spec.rpartition(":")
+    return bool(sep) and (path.endswith(".py") or "/" in path or "\\" in path)
+
+
+def absolute_model_spec(spec: str, *, relative_to: Path | None = None) -> str:
+    """Return ``spec`` with a file path made absolute, so the study can rebuild the model anywhere.
+
+    A relative path is taken from the working directory; failing that, from ``relative_to`` (the
+    folder of the study spec that names it). Other specs come back unchanged.
+    """
+    if not is_file_model_spec(spec):
+        return spec
+    path, _, attr = spec.rpartition(":")
+    candidate = Path(path).expanduser()
+    if not candidate.is_absolute() and not candidate.exists() and relative_to is not None:
+        if (relative_to / candidate).exists():
+            candidate = relative_to / candidate
+    return f"{candidate.resolve()}:{attr}"
 
 
 def _check_types(config: SearchConfig) -> None:
@@ -234,7 +312,10 @@ def read_spec(path: str | Path) -> dict[str, Any]:
                 f"study spec {str(path)!r} has unknown setting {key!r}; valid settings are: "
                 f"{', '.join(OPTION_NAMES)}."
             )
-    return {key.replace("_", "-"): value for key, value in spec.items()}
+    options = {key.replace("_", "-"): value for key, value in spec.items()}
+    if isinstance(options.get("model"), str):
+        options["model"] = absolute_model_spec(options["model"], relative_to=path.parent)
+    return options
 
 
 def config_to_options(config: SearchConfig) -> dict[str, Any]:
@@ -249,4 +330,5 @@ def config_to_options(config: SearchConfig) -> dict[str, Any]:
     options["rate-range"] = list(config.rate_range)
     options["kinds"] = list(config.kinds)
     options["orders"] = list(config.orders)
+    options["model-args"] = dict(config.model_args)
     return options

@@ -175,7 +175,7 @@ def train_candidates(
                 on_run(candidate.label, i)
             seed = CONFIRM_SEED_BASE + i
             torch.manual_seed(seed)  # the same seed gives every candidate the same initial weights
-            model = build_model(config.model, shape)
+            model = build_model(config.model, shape, model_args=config.model_args)
             apply_placement(model, candidate.placement, candidate.variants)
             try:
                 metrics = train_trial(model, on_device, normaliser, config.train, seed=seed, device=torch_device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -233,7 +234,7 @@ def read_trial_record(study: optuna.Study, trial: FrozenTrial) -> TrialRecord:
     sites = study.user_attrs.get(SITES_ATTR)
     if not (
         isinstance(sites, dict) and sites
-        and all(isinstance(s, str) and s.isidentifier() and k in ("conv", "fc") for s, k in sites.items())
+        and all(isinstance(s, str) and _SITE_NAME.fullmatch(s) and k in ("conv", "fc") for s, k in sites.items())
     ):
         raise StorageError(f"study {name!r} holds drop sites autodrop does not write ({SITES_ATTR}={sites!r}).")
 
@@ -279,6 +280,11 @@ def read_trial_record(study: optuna.Study, trial: FrozenTrial) -> TrialRecord:
     )
 
 
+# Built-in site names are identifiers; discovered ones add ":", "#", "@" and "." ("after:conv21#2").
+# Either way the exporter also checks each name against the rebuilt network before writing it.
+_SITE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:#@]*")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -290,8 +296,12 @@ def get_exporter(model_name: str) -> Exporter:
     """Return the exporter for ``model_name``; built-in models share the flat-Sequential one."""
     from autodrop.models import MODELS
 
+    from autodrop.usermodel import is_user_model
+
     if model_name in MODELS:
         return export_builtin
+    if is_user_model(model_name):
+        return export_user_model
     raise ModelError(
         f"export can write only the built-in models ({', '.join(MODELS)}), but this study's model is "
         f"{model_name!r}."
@@ -301,7 +311,10 @@ def get_exporter(model_name: str) -> Exporter:
 def class_name_for(model_name: str) -> str:
     """Return the Python class name for a registered model: ``simple-cnn`` -> ``SimpleCNN``."""
     from autodrop.models import MODELS
+    from autodrop.usermodel import is_user_model
 
+    if is_user_model(model_name):
+        return "ExportedModel"
     if model_name not in MODELS:
         raise ModelError(f"unknown model {model_name!r}; built-in models are: {', '.join(MODELS)}.")
     words = [w for w in model_name.replace("_", "-").split("-") if w]
@@ -342,6 +355,34 @@ def export_builtin(record: TrialRecord, class_name: str) -> "tuple[str, nn.Modul
 
     source = _module_source(record, class_name, init_lines, forward_lines)
     _check_source(source, class_name, model)
+    return source, model
+
+
+def export_user_model(record: TrialRecord, class_name: str) -> "tuple[str, nn.Module]":
+    """Return the source of a user's network (its own class, with the chosen dropout) and the rebuilt network."""
+    from autodrop.custom_export import export_custom_source
+    from autodrop.models import build_model
+    from autodrop.sites import apply_placement, site_kinds
+
+    model = build_model(record.config.model, record.shape, model_args=record.config.model_args)
+    if list(site_kinds(model)) != list(record.sites):
+        raise StorageError(
+            f"study {record.study_name!r} lists drop sites {list(record.sites)} that the model now has not "
+            f"(its sites are {list(site_kinds(model))}); the model's code or the study changed since the search."
+        )
+    apply_placement(model, record.placement, record.variants)
+    shape = record.shape
+    header = [
+        f"The network of autodrop study {ascii(record.study_name)}, trial {record.number}: "
+        f"validation accuracy {100 * record.val_accuracy:.2f}%.",
+        f"Data {ascii(record.data_name)}: {shape.n_classes} classes, {shape.channels}x{shape.image_size}x"
+        f"{shape.image_size} images; seed {record.seed}.",
+        f"Dropout: {describe_placement(record.placement, record.variants)}.",
+    ]
+    source = export_custom_source(
+        record.config.model, record.config.model_args, record.placement, channels=shape.channels,
+        n_classes=shape.n_classes, image_size=shape.image_size, class_name=class_name, header=header,
+    )
     return source, model
 
 
@@ -538,7 +579,7 @@ def _retrain(record: TrialRecord, device_name: str) -> "tuple[dict[str, Any], fl
     data = load_data(record.config.data)
     normaliser = Normaliser(data.train_images).to(device)
     torch.manual_seed(record.seed)
-    model = build_model(record.config.model, record.shape)
+    model = build_model(record.config.model, record.shape, model_args=record.config.model_args)
     apply_placement(model, record.placement, record.variants)
     metrics = train_trial(model, data.to(device), normaliser, record.config.train, seed=record.seed, device=device)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}

@@ -15,7 +15,8 @@ from autodrop.artifacts import keep_weights_if_top, prepare_records, save_trial_
 from autodrop.config import SearchConfig, config_from_options, config_to_options, validate
 from autodrop.data import ImageData, load_data
 from autodrop.errors import ConfigError, ModelError
-from autodrop.models import ModelShape, build_model, get_model_entry
+from autodrop.models import ModelShape, build_model, check_model
+from autodrop.usermodel import is_user_model
 from autodrop.report import BASELINE_ATTR, SearchResult, summarize_study
 from autodrop.sites import apply_placement, site_kinds, site_orders
 from autodrop.space import (
@@ -95,13 +96,16 @@ def search(data: str | None = None, *, config: SearchConfig | None = None, progr
 
 def run_search(config: SearchConfig, *, progress: Progress) -> SearchResult:
     """Run the search ``config`` describes; the steps every entry point shares."""
-    get_model_entry(config.model)  # an unknown name fails before any data is read
+    check_model(config.model, config.model_args)  # an unknown model fails before any data is read
     device = resolve_device(config.train.device)
     _check_device(device)
     data = load_data(config.data)
     shape = ModelShape(data.channels, data.n_classes, data.image_size)
-    sites, orders = _probe_sites(config.model, shape)
-    choices = variant_choices(sites, orders, config.kinds, config.orders)
+    sites, orders = _probe_sites(config.model, shape, config.model_args)
+    # A user's network keeps the flavour of the dropout it was written with, so the dropout kind
+    # is searched for the built-in models only.
+    kinds = config.kinds if not is_user_model(config.model) else ("element",)
+    choices = variant_choices(sites, orders, kinds, config.orders)
 
     storage = open_storage(config.storage_url)
     study = create_or_load_study(
@@ -127,9 +131,11 @@ def _check_device(device: torch.device) -> None:
         raise ConfigError("--device mps was asked for, but MPS is not available here; use --device cpu or auto.")
 
 
-def _probe_sites(model_name: str, shape: ModelShape) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+def _probe_sites(
+    model_name: str, shape: ModelShape, model_args: dict[str, Any]
+) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
     """Build the model once to list its sites (and their slots) and check that it fits the data."""
-    model = build_model(model_name, shape)
+    model = build_model(model_name, shape, model_args=model_args)
     kinds = site_kinds(model)
     if not kinds:
         raise ModelError(f"model {model_name!r} has no drop sites to search.")
@@ -211,7 +217,7 @@ def _run_trials(
         is_baseline = BASELINE_ATTR in trial.user_attrs
         baseline = trial.user_attrs.get(BASELINE_ATTR)  # the recipe's name, for the trial's note
         torch.manual_seed(seed)
-        model = build_model(config.model, shape)
+        model = build_model(config.model, shape, model_args=config.model_args)
         apply_placement(model, placement, variants)
 
         def on_epoch(m: EpochMetrics) -> None:

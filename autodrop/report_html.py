@@ -194,16 +194,20 @@ def network_layers(result: SearchResult) -> list[tuple[str, str, str | None]]:
     """
     try:
         from autodrop.models import ModelShape, build_model
-        from autodrop.sites import DropSite
+        from autodrop.sites import DEFAULT_ORDER, DropSite
 
         data = result.data
         shape = ModelShape(int(data["channels"]), len(data["classes"]), int(data["image_size"]))
-        model = build_model(str(result.settings.get("model")), shape)
+        model = build_model(str(result.settings.get("model")), shape, model_args=result.settings.get("model-args") or {})
     except Exception:  # any failure here only costs the picture its non-site layers
         return [(site, kind, site) for site, kind in result.sites.items()]
+    # A site declared in two slots is drawn once, where the best trial put it.
+    orders = {site: v.get("order", DEFAULT_ORDER) for site, v in (result.best.variants if result.best else {}).items()}
     layers: list[tuple[str, str, str | None]] = []
     for name, layer in model.named_children():
         if isinstance(layer, DropSite):
+            if layer.slot != orders.get(layer.site_name, DEFAULT_ORDER):
+                continue
             layers.append((name, layer.kind, layer.site_name))
         else:
             layers.append((name, _describe_layer(layer), None))

@@ -22,7 +22,7 @@ CONFIRM_ATTR = "autodrop.confirmation"
 # may differ between runs of one study.
 TRIAL_SETTINGS = (
     "data", "image-size", "channels", "val-fraction", "train-per-class",
-    "model", "epochs", "batch-size", "lr", "rate-range", "kinds", "orders", "schedule", "seed",
+    "model", "model-args", "epochs", "batch-size", "lr", "rate-range", "kinds", "orders", "schedule", "seed",
 )
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 METRIC_NAME = "val_accuracy"
@@ -150,6 +150,8 @@ def create_or_load_study(
 
 
 def _normalise(value: Any) -> Any:
+    if isinstance(value, dict) and not value:
+        return None  # studies made before model arguments existed store none
     return list(value) if isinstance(value, tuple) else value
 
 

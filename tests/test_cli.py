@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from autodrop.cli import main
 
-from conftest import write_image_folder
+from tiny import write_image_folder
 
 TINY_ARGS = ["--image-size", "16", "--train-per-class", "30", "--epochs", "2", "--batch-size", "64",
              "--pruner", "none", "--quiet"]

@@ -11,7 +11,7 @@ from autodrop.config import config_from_options
 from autodrop.confirm import Candidate, summarize, train_candidates
 from autodrop.data import load_data
 
-from conftest import tiny_options
+from tiny import tiny_options
 
 ALL_SITES = ("conv1", "conv2", "conv3", "fc1", "fc2")
 

@@ -11,7 +11,7 @@ from autodrop.config import DataConfig
 from autodrop.data import load_data
 from autodrop.errors import AutodropWarning, DataError
 
-from conftest import write_image_folder
+from tiny import write_image_folder
 
 
 def test_digits_is_the_real_bundled_set_split_stratified():

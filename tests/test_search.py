@@ -11,7 +11,7 @@ import autodrop.pipeline as search_module
 from autodrop.errors import ConfigError
 from autodrop.train import TrainingDiverged
 
-from conftest import tiny_options
+from tiny import tiny_options
 
 
 def _study(options: dict) -> optuna.Study:

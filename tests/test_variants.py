@@ -21,7 +21,7 @@ from autodrop.space import (
     variants_from_params,
 )
 
-from conftest import tiny_options
+from tiny import tiny_options
 
 SHAPE = ModelShape(1, 10, 16)
 
