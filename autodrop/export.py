@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -51,11 +51,11 @@ class TrialRecord:
     data_name: str
     sites: dict[str, str]  # site -> kind, in forward order
     placement: dict[str, float | None]
-    variants: dict[str, dict[str, str]]  # site -> dropout kind / order, where the search chose them
     val_accuracy: float
     train_accuracy: float | None
     seed: int
     scaling: tuple[list[float], list[float]] | None  # per-channel (scale, shift); None if not stored
+    variants: dict[str, dict[str, str]] = field(default_factory=dict)  # site -> dropout kind / order, where chosen
 
 
 @dataclass(frozen=True)

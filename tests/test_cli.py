@@ -42,7 +42,7 @@ def test_search_prints_placement_baselines_importances_and_where_it_is_stored(tm
         assert f"  {recipe} " in out
     assert "importance" in out and "Lead over no dropout" in out
     assert "Stored as study 'digits-simple-cnn'" in out
-    assert written == ["autodrop.db"]
+    assert written == ["autodrop-artifacts", "autodrop.db"]  # the study, and the best trials' weights
 
 
 def test_spec_file_is_read_and_command_line_options_override_it(tmp_path):

@@ -243,3 +243,43 @@ def test_every_builtin_model_exports_to_matching_source(model_name, tmp_path):
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(written(x), model(x))  # same layers, same order, same weights
     assert sum(isinstance(m, torch.nn.Dropout) for m in written.modules()) == sum(r is not None for r in placement.values())
+
+
+def test_channel_dropout_before_batch_norm_is_exported_as_written(tmp_path):
+    import importlib.util
+
+    import torch
+
+    from autodrop.config import SearchConfig
+    from autodrop.export import TrialRecord, class_name_for, export_builtin
+    from autodrop.models import ModelShape, build_model
+    from autodrop.sites import site_kinds
+
+    shape = ModelShape(1, 10, 16)
+    sites = site_kinds(build_model("simple-cnn", shape))
+    placement = {site: None for site in sites} | {"conv2": 0.3, "fc1": 0.5}
+    record = TrialRecord(
+        study_name="s", number=0, config=SearchConfig(model="simple-cnn"), shape=shape,
+        classes=tuple(str(i) for i in range(10)), data_name="d", sites=sites, placement=placement,
+        val_accuracy=0.5, train_accuracy=None, seed=1, scaling=([0.1], [-1.0]),
+        variants={"conv2": {"kind": "channel", "order": "before-bn"}},
+    )
+    source, model = export_builtin(record, class_name_for("simple-cnn"))
+    assert "self.drop_conv2_before_bn = nn.Dropout2d(p=0.3)" in source
+    assert "self.drop_fc1 = nn.Dropout(p=0.5)" in source
+    assert "drop_conv2 =" not in source.replace("drop_conv2_before_bn", "")
+    lines = [line.strip() for line in source.splitlines()]
+    assert lines.index("x = self.conv2(x)") + 1 == lines.index("x = self.drop_conv2_before_bn(x)")
+    assert lines.index("x = self.drop_conv2_before_bn(x)") + 1 == lines.index("x = self.bn2(x)")
+    path = tmp_path / "m.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("exported_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written = module.SimpleCNN()
+    written.load_state_dict(model.state_dict())
+    x = torch.randn(4, 1, 16, 16)
+    torch.manual_seed(0)
+    expected = model.train()(x)
+    torch.manual_seed(0)
+    assert torch.allclose(written.train()(x), expected, atol=1e-6)
