@@ -145,6 +145,7 @@ def test_stop_signal_waits_for_the_end_of_a_critical_section(tmp_path: Path) -> 
     assert written == ["checkpoint"]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed")
 def test_trial_left_without_heartbeat_is_failed_and_retried(tmp_path: Path) -> None:
     study, storage, url = _study(tmp_path)
     # A worker that died between admitting a trial and its first heartbeat leaves this behind.
@@ -163,6 +164,7 @@ def test_trial_left_without_heartbeat_is_failed_and_retried(tmp_path: Path) -> N
     assert runs == [1]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed")
 def test_dead_workers_trial_is_retried_after_the_grace_period(tmp_path: Path) -> None:
     study, storage, url = _study(tmp_path)
     dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
