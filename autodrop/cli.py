@@ -96,9 +96,19 @@ def main() -> None:
 @click.option("--timeout", type=float, default=None, help="Seconds after which no new trial starts.")
 @click.option("--artifact-dir", default=None,
               help="Folder for the best trials' weights; default: beside the SQLite file, or ./autodrop-artifacts.")
+@click.option("--workers", type=click.IntRange(min=1), default=_DEFAULTS.workers, show_default=True,
+              help="Worker processes to start here, all on the one study (more machines: run the command on each).")
+@click.option("--devices", default=None,
+              help="Devices for the workers in turn, e.g. cuda:0,cuda:1; default: --device for all.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for running trials' per-epoch checkpoints; default: autodrop-checkpoints/ next to an "
+                   "SQLite file, else in the working directory. Share it between machines to resume across them.")
+@click.option("--create-only", is_flag=True,
+              help="Create the study (settings, baselines) and exit, so that workers started next only join it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
-def search(ctx: click.Context, spec: str | None, quiet: bool, model_arg: tuple[str, ...], **options: Any) -> None:
+def search(ctx: click.Context, spec: str | None, quiet: bool, model_arg: tuple[str, ...], create_only: bool,
+           **options: Any) -> None:
     """Search where dropout should go, and how strong, on your data and model."""
     from autodrop.report import format_result
 
@@ -112,16 +122,29 @@ def search(ctx: click.Context, spec: str | None, quiet: bool, model_arg: tuple[s
         if given.get("channels") is not None:
             given["channels"] = int(given["channels"])
         config = config_from_options(given)
-        from autodrop.pipeline import BarProgress, Progress, run_search
+        from autodrop.pipeline import BarProgress, Progress, prepare_study, run_search
 
+        if create_only:
+            study = prepare_study(config).study
+            trials = study.get_trials(deepcopy=False)
+            n_queued = sum(t.state.name == "WAITING" for t in trials)
+            click.echo(
+                f"Study {study.study_name!r} is ready in {config.storage_url}: {n_queued} trial(s) queued, "
+                f"{len(trials) - n_queued} started or finished."
+            )
+            click.echo("Start workers (here or on other machines) with the same options, without --create-only.")
+            return
         result = run_search(config, progress=Progress() if quiet else BarProgress())
     except AutodropError as e:
         raise UserInputError(str(e)) from e
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         click.echo(
-            "\nInterrupted: finished trials are kept in the study; run the same command again to resume.", err=True
+            "\nInterrupted: finished trials are kept in the study, and the running one is queued to resume from "
+            "its last finished epoch; run the same command again to resume.",
+            err=True,
         )
-        sys.exit(130)
+        # 130 for Ctrl-C, 143 for SIGTERM: the shell's convention for a process a signal ended.
+        sys.exit(getattr(e, "exit_code", 130))
     click.echo(format_result(result))
     click.echo("")
     click.echo(f"Stored as study {result.study_name!r} in {result.storage_url}")

@@ -31,6 +31,8 @@ ORDERS = ("after-act", "before-bn")
 SCHEDULES = ("whole", "early")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_STORAGE_FILE = "autodrop.db"
+DEFAULT_CHECKPOINT_DIR = "autodrop-checkpoints"
+_DEVICE_PATTERN = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class TrainConfig:
     epochs: int = 4  # full passes over the training images per trial
     batch_size: int = 128  # images per optimiser step
     lr: float = 2e-3  # Adam learning rate
-    device: str = "auto"  # auto picks cuda, then mps, then cpu
+    device: str = "auto"  # auto picks cuda, then mps, then cpu; cuda:N names one GPU
     schedule: str = "whole"  # "whole": dropout all run; "early": only in the first half of the epochs
 
 
@@ -73,6 +75,9 @@ class SearchConfig:
     storage: str | None = None  # an Optuna storage URL; None is ./autodrop.db
     timeout: float | None = None  # seconds after which no new trial starts
     artifact_dir: str | None = None  # where kept weights go; None is a folder beside the SQLite file
+    workers: int = 1  # worker processes this run starts on this machine, all on the one study
+    devices: tuple[str, ...] = ()  # devices handed to the workers in turn; () uses `device` for all
+    checkpoint_dir: str | None = None  # where running trials keep per-epoch checkpoints
 
     @property
     def study_name(self) -> str:
@@ -93,6 +98,21 @@ class SearchConfig:
         if self.storage:
             return self.storage
         return f"sqlite:///{Path.cwd() / DEFAULT_STORAGE_FILE}"
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """The checkpoint folder: the one given, else next to an SQLite file, else in the working directory."""
+        if self.checkpoint_dir:
+            return Path(self.checkpoint_dir).absolute()
+        url = self.storage_url
+        if _is_sqlite_file(url):
+            return Path(url[len("sqlite:///"):].split("?", 1)[0]).absolute().parent / DEFAULT_CHECKPOINT_DIR
+        return Path.cwd() / DEFAULT_CHECKPOINT_DIR
+
+    def worker_devices(self) -> list[str]:
+        """The device of each worker process: ``devices`` in turn, or ``device`` for all."""
+        pool = list(self.devices) or [self.train.device]
+        return [pool[i % len(pool)] for i in range(self.workers)]
 
 
 def validate(config: SearchConfig) -> SearchConfig:
@@ -115,7 +135,21 @@ def validate(config: SearchConfig) -> SearchConfig:
         math.isfinite(train.lr) and train.lr > 0,
         f"--lr must be a positive number, but got {train.lr}.",
     )
-    _check(train.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, but got {train.device!r}.")
+    _check(
+        _DEVICE_PATTERN.fullmatch(train.device) is not None,
+        f"--device must be one of {', '.join(DEVICES)} or cuda:N, but got {train.device!r}.",
+    )
+    _check(config.workers >= 1, f"--workers must be at least 1, but got {config.workers}.")
+    for device in config.devices:
+        _check(
+            _DEVICE_PATTERN.fullmatch(device) is not None,
+            f"--devices must list devices such as cuda:0,cuda:1 (or cpu, mps), but got {device!r}.",
+        )
+    _check(
+        config.workers == 1 or not config.storage_url.startswith("sqlite://") or _is_sqlite_file(config.storage_url),
+        f"--workers {config.workers} needs a storage every process can open, but {config.storage_url!r} is in "
+        "memory; use an SQLite file or PostgreSQL.",
+    )
     _check(
         train.schedule in SCHEDULES,
         f"--schedule must be one of {', '.join(SCHEDULES)}, but got {train.schedule!r}.",
@@ -145,6 +179,10 @@ def validate(config: SearchConfig) -> SearchConfig:
     return config
 
 
+def _is_sqlite_file(url: str) -> bool:
+    return url.startswith("sqlite:///") and url[len("sqlite:///"):].split("?", 1)[0] not in ("", ":memory:")
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -158,7 +196,8 @@ _TRAIN_KEYS = {"epochs": "epochs", "batch-size": "batch_size", "lr": "lr", "devi
 _SEARCH_KEYS = {"model": "model", "model-args": "model_args", "trials": "trials", "rate-range": "rate_range", "kinds": "kinds",
                 "orders": "orders", "pruner": "pruner", "seed": "seed", "study": "study", "storage": "storage",
                 "timeout": "timeout",
-                "artifact-dir": "artifact_dir"}
+                "artifact-dir": "artifact_dir",
+                "workers": "workers", "devices": "devices", "checkpoint-dir": "checkpoint_dir"}
 OPTION_NAMES = tuple(_DATA_KEYS) + tuple(_TRAIN_KEYS) + tuple(_SEARCH_KEYS)
 
 
@@ -183,6 +222,10 @@ def config_from_options(options: Mapping[str, Any]) -> SearchConfig:
         given["model-args"] = parse_model_args(given["model-args"])
     if isinstance(given.get("model"), str):
         given["model"] = absolute_model_spec(given["model"])
+    if "devices" in given:
+        given["devices"] = _devices(given["devices"])
+        # One worker per listed device unless told otherwise.
+        given.setdefault("workers", max(1, len(given["devices"])))
     try:
         data = DataConfig(**{_DATA_KEYS[k]: v for k, v in given.items() if k in _DATA_KEYS})
         train = TrainConfig(**{_TRAIN_KEYS[k]: v for k, v in given.items() if k in _TRAIN_KEYS})
@@ -275,6 +318,14 @@ def absolute_model_spec(spec: str, *, relative_to: Path | None = None) -> str:
     return f"{candidate.resolve()}:{attr}"
 
 
+def _devices(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"devices must be a list of device names such as cuda:0,cuda:1, but got {value!r}.")
+    return tuple(value)
+
+
 def _check_types(config: SearchConfig) -> None:
     """Catch TOML values of the wrong type (a string where a number belongs) with a clear message."""
     for section in (config.data, config.train, config):
@@ -331,4 +382,5 @@ def config_to_options(config: SearchConfig) -> dict[str, Any]:
     options["kinds"] = list(config.kinds)
     options["orders"] = list(config.orders)
     options["model-args"] = dict(config.model_args)
+    options["devices"] = list(config.devices)
     return options

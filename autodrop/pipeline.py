@@ -5,16 +5,21 @@ Named pipeline, not search, so that the module never shadows the function ``auto
 
 from __future__ import annotations
 
-import time
+import dataclasses
+import functools
+import os
+import sys
 from typing import Any
 
 import optuna
 import torch
 
 from autodrop.artifacts import keep_weights_if_top, prepare_records, save_trial_note
+from autodrop.checkpoint import CHECKPOINT_ATTR, TrialCheckpoint, remove_checkpoint
 from autodrop.config import SearchConfig, config_from_options, config_to_options, validate
 from autodrop.data import ImageData, load_data
-from autodrop.errors import ConfigError, ModelError
+from autodrop.errors import AutodropError, ConfigError, ModelError
+from autodrop.locking import StorageLock
 from autodrop.models import ModelShape, build_model, check_model
 from autodrop.usermodel import is_user_model
 from autodrop.report import BASELINE_ATTR, SearchResult, summarize_study
@@ -38,6 +43,7 @@ from autodrop.study import (
     open_storage,
 )
 from autodrop.train import EpochMetrics, Normaliser, TrainingDiverged, resolve_device, train_trial
+from autodrop.workers import Interrupted, critical, entering_last_epoch, run_processes, run_trials
 
 # A run that sees this many trials fail in a row stops: the cause is the settings, not bad luck.
 MAX_CONSECUTIVE_FAILURES = 5
@@ -49,6 +55,7 @@ class Progress:
     def start(self, total: int, done: int) -> None: ...
     def epoch(self, trial: int, epoch: int, epochs: int, val_accuracy: float) -> None: ...
     def trial_done(self, best: float | None) -> None: ...
+    def waiting(self, n_running: int) -> None: ...
     def close(self) -> None: ...
 
 
@@ -71,6 +78,9 @@ class BarProgress(Progress):
     def trial_done(self, best: float | None) -> None:
         self._best = best
         self._bar.update(1)
+
+    def waiting(self, n_running: int) -> None:
+        self._bar.set_postfix_str(f"waiting for {n_running} running trial(s) of other workers")
 
     def close(self) -> None:
         if self._bar is not None:
@@ -96,9 +106,35 @@ def search(data: str | None = None, *, config: SearchConfig | None = None, progr
 
 def run_search(config: SearchConfig, *, progress: Progress) -> SearchResult:
     """Run the search ``config`` describes; the steps every entry point shares."""
+    prepared = prepare_study(config)
+    if config.trials - count_finished(prepared.study) > 0:
+        if config.workers == 1:
+            _run_trials(prepared, config, resolve_device(config.worker_devices()[0]), progress)
+        else:
+            _run_worker_processes(prepared.study, config, progress)
+    return summarize_study(prepared.study, config.storage_url)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedStudy:
+    """A study ready for workers, with what every worker needs to train its trials."""
+
+    study: optuna.Study
+    storage: Any  # the RDB storage under the study, for heartbeats
+    data: ImageData
+    sites: dict[str, str]  # site -> kind, in forward order
+    choices: dict[str, Any]  # the dropout variants each site may take
+
+
+def prepare_study(config: SearchConfig) -> PreparedStudy:
+    """Check model, devices and data, then create (or load) the study with its baselines queued.
+
+    Safe to call from many processes at once: creating the study happens once, under a lock on its
+    storage; the others find it and check that their settings match.
+    """
     check_model(config.model, config.model_args)  # an unknown model fails before any data is read
-    device = resolve_device(config.train.device)
-    _check_device(device)
+    for name in sorted(set(config.worker_devices())):
+        _check_device(resolve_device(name))
     data = load_data(config.data)
     shape = ModelShape(data.channels, data.n_classes, data.image_size)
     sites, orders = _probe_sites(config.model, shape, config.model_args)
@@ -107,26 +143,29 @@ def run_search(config: SearchConfig, *, progress: Progress) -> SearchResult:
     kinds = config.kinds if not is_user_model(config.model) else ("element",)
     choices = variant_choices(sites, orders, kinds, config.orders)
 
-    storage = open_storage(config.storage_url)
-    study = create_or_load_study(
-        storage,
-        config.study_name,
-        settings=config_to_options(config),
-        sampler=make_sampler(config.seed),
-        pruner=make_pruner(config.pruner, config.train.epochs),
-    )
-    _record_data_and_sites(study, data, sites)
-    _enqueue_baselines(study, sites, choices, config)
-
-    remaining = config.trials - count_finished(study)
-    if remaining > 0:
-        _run_trials(study, config, data, sites, choices, device, progress)
-    return summarize_study(study, config.storage_url)
+    # One process at a time creates tables, study, attributes and baselines; the others then find them.
+    with StorageLock(config.storage_url, "set-up").hold():
+        storage = open_storage(config.storage_url)
+        study = create_or_load_study(
+            storage,
+            config.study_name,
+            settings=config_to_options(config),
+            sampler=make_sampler(config.seed),
+            pruner=make_pruner(config.pruner, config.train.epochs),
+        )
+        _record_data_and_sites(study, data, sites)
+        _enqueue_baselines(study, sites, choices, config)
+    return PreparedStudy(study, storage, data, sites, choices)
 
 
 def _check_device(device: torch.device) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but this machine has no usable CUDA GPU; use --device cpu or auto.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {str(device)!r} was asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}."
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device mps was asked for, but MPS is not available here; use --device cpu or auto.")
 
@@ -191,14 +230,16 @@ def _enqueue_baselines(
 
 
 def _run_trials(
-    study: optuna.Study,
+    prepared: PreparedStudy,
     config: SearchConfig,
-    data: ImageData,
-    sites: dict[str, str],
-    choices: dict[str, Any],
     device: torch.device,
     progress: Progress,
+    *,
+    parent_pid: int | None = None,
 ) -> None:
+    study, storage, data, sites, choices = (
+        prepared.study, prepared.storage, prepared.data, prepared.sites, prepared.choices
+    )
     data_on_device = data.to(device)
     normaliser = Normaliser(data.train_images).to(device)
     weights_store = prepare_records(
@@ -207,6 +248,7 @@ def _run_trials(
     shape = ModelShape(data.channels, data.n_classes, data.image_size)
     site_names = list(sites)
     epochs = config.train.epochs
+    checkpoint_root = config.checkpoint_root
 
     def objective(trial: optuna.Trial) -> float:
         placement = suggest_placement(trial, site_names, config.rate_range)
@@ -219,23 +261,39 @@ def _run_trials(
         torch.manual_seed(seed)
         model = build_model(config.model, shape, model_args=config.model_args)
         apply_placement(model, placement, variants)
+        # A retry of a trial whose worker died resumes after the last epoch that worker finished.
+        checkpoint = TrialCheckpoint.for_trial(trial, checkpoint_root, device)
 
         def on_epoch(m: EpochMetrics) -> None:
-            trial.report(m.val_accuracy, m.epoch)
-            trial.set_user_attr("train_loss", m.train_loss)
-            trial.set_user_attr("val_loss", m.val_loss)
-            trial.set_user_attr("epochs_run", m.epoch)
-            progress.epoch(trial.number, m.epoch, epochs, m.val_accuracy)
-            # Baselines are the yardstick: they always run to the end.
-            if not is_baseline and m.epoch < epochs and trial.should_prune():
-                trial.set_user_attr("pruned_reason", f"val accuracy {m.val_accuracy:.4f} at epoch {m.epoch}")
-                save_trial_note(trial, placement, baseline=baseline, val_accuracy=m.val_accuracy, pruned_at=m.epoch,
-                                variants=variants)
-                raise optuna.TrialPruned(f"pruned at epoch {m.epoch}")
+            with critical():  # a stop signal waits until the epoch is on record
+                if m.epoch not in checkpoint.reported_steps:
+                    trial.report(m.val_accuracy, m.epoch)
+                trial.set_user_attr("train_loss", m.train_loss)
+                trial.set_user_attr("val_loss", m.val_loss)
+                trial.set_user_attr("epochs_run", m.epoch)
+                progress.epoch(trial.number, m.epoch, epochs, m.val_accuracy)
+                # Baselines are the yardstick: they always run to the end.
+                if not is_baseline and m.epoch < epochs and trial.should_prune():
+                    trial.set_user_attr("pruned_reason", f"val accuracy {m.val_accuracy:.4f} at epoch {m.epoch}")
+                    save_trial_note(trial, placement, baseline=baseline, val_accuracy=m.val_accuracy,
+                                    pruned_at=m.epoch, variants=variants)
+                    raise optuna.TrialPruned(f"pruned at epoch {m.epoch}")
+                if m.epoch == epochs - 1:
+                    entering_last_epoch()
 
+        def on_checkpoint(state: Any) -> None:
+            with critical():
+                checkpoint.save(state)
+
+        if checkpoint.resume is not None:
+            # The dead worker may have saved this epoch but not reported it, or not asked the pruner.
+            on_epoch(checkpoint.resume.metrics)
+        elif epochs == 1:
+            entering_last_epoch()
         try:
             metrics = train_trial(
-                model, data_on_device, normaliser, config.train, seed=seed, device=device, on_epoch=on_epoch
+                model, data_on_device, normaliser, config.train, seed=seed, device=device, on_epoch=on_epoch,
+                resume=checkpoint.resume, on_checkpoint=on_checkpoint,
             )
         except TrainingDiverged as e:
             trial.set_user_attr("fail_reason", str(e))
@@ -254,6 +312,9 @@ def _run_trials(
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal consecutive_failures
+        # Only an interrupted or dead worker's trial is retried; every other outcome is final.
+        if trial.user_attrs.get(CHECKPOINT_ATTR):
+            remove_checkpoint(trial.user_attrs[CHECKPOINT_ATTR])
         if trial.state in FINISHED_STATES:
             consecutive_failures = 0
             try:
@@ -263,30 +324,93 @@ def _run_trials(
             progress.trial_done(best)
         elif trial.state == optuna.trial.TrialState.FAIL:
             consecutive_failures += 1
-            if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
-                study.stop()
 
-    deadline = None if config.timeout is None else time.monotonic() + config.timeout
     progress.start(config.trials, count_finished(study))
     try:
-        while (remaining := config.trials - count_finished(study)) > 0:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            study.optimize(
-                objective,
-                n_trials=remaining,
-                timeout=left,
-                catch=(TrainingDiverged,),
-                callbacks=[optuna.study.MaxTrialsCallback(config.trials, states=FINISHED_STATES), after_trial],
+        run_trials(
+            study,
+            storage,
+            objective,
+            n_trials=config.trials,
+            lock=StorageLock(config.storage_url, f"admit:{config.study_name}"),
+            timeout=config.timeout,
+            catch=(TrainingDiverged,),
+            after_trial=after_trial,
+            keep_going=lambda: consecutive_failures < MAX_CONSECUTIVE_FAILURES,
+            on_wait=progress.waiting,
+            parent_pid=parent_pid,
+        )
+        if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+            last = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))[-1]
+            reason = last.user_attrs.get("fail_reason") or "see the study's failed trials"
+            raise ConfigError(
+                f"{MAX_CONSECUTIVE_FAILURES} trials failed in a row ({reason}); finished trials are kept. "
+                "Lower --lr or check the data, then rerun to resume."
             )
-            if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
-                last = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))[-1]
-                reason = last.user_attrs.get("fail_reason", "see the study's failed trials")
-                raise ConfigError(
-                    f"{MAX_CONSECUTIVE_FAILURES} trials failed in a row ({reason}); finished trials are kept. "
-                    "Lower --lr or check the data, then rerun to resume."
-                )
     finally:
         progress.close()
 
+
+def _run_worker_processes(study: optuna.Study, config: SearchConfig, progress: Progress) -> None:
+    """Run ``config.workers`` worker processes on the study and follow them until they stop."""
+    devices = config.worker_devices()
+    if not config.devices and resolve_device(config.train.device).type == "cuda" and torch.cuda.device_count() > 1:
+        devices = [f"cuda:{i % torch.cuda.device_count()}" for i in range(config.workers)]
+    n_cpu_workers = sum(resolve_device(d).type == "cpu" for d in devices)
+    # Workers training on the CPU share its cores instead of each taking all of them.
+    threads = max(1, torch.get_num_threads() // max(n_cpu_workers, 1))
+    base = dataclasses.replace(config, storage=config.storage_url, study=config.study_name, workers=1, devices=())
+    args = [
+        (dataclasses.replace(base, train=dataclasses.replace(config.train, device=device)), index, threads, os.getpid())
+        for index, device in enumerate(devices)
+    ]
+    done = count_finished(study)
+    progress.start(config.trials, done)
+
+    def follow() -> None:
+        nonlocal done
+        now = count_finished(study)
+        if now > done:
+            try:
+                best = study.best_value
+            except ValueError:
+                best = None
+            for _ in range(now - done):
+                progress.trial_done(best)
+            done = now
+
+    try:
+        codes = run_processes(_worker_main, args, poll=follow)
+        follow()
+    finally:
+        progress.close()
+    failed = [f"worker {i} (exit code {code})" for i, code in enumerate(codes) if code != 0]
+    if failed and count_finished(study) < config.trials:
+        raise AutodropError(
+            f"{', '.join(failed)} stopped before the study had {config.trials} finished trials (see the messages "
+            "above); finished trials are kept, rerun the same command to resume."
+        )
+
+
+def _worker_main(config: SearchConfig, index: int, threads: int, parent_pid: int) -> None:
+    """One worker process of ``--workers``: join the study and run trials until it is done."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.showwarning = functools.partial(_show_worker_warning, index)
+    device = resolve_device(config.train.device)
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        _run_trials(prepare_study(config), config, device, Progress(), parent_pid=parent_pid)
+    except Interrupted as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before this worker's signal handlers were in place
+        sys.exit(130)
+    except AutodropError as e:
+        print(f"Error: worker {index}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _show_worker_warning(index: int, message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    print(f"Warning: worker {index}: {message}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,9 +27,39 @@ TRIAL_SETTINGS = (
 )
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 METRIC_NAME = "val_accuracy"
-# A worker that stops beating for this long is taken for dead and its trial retried.
+# A worker that stops beating for this long is taken for dead and its trial retried. Tests (and
+# impatient users on one machine) shorten both through these environment variables.
 HEARTBEAT_INTERVAL_S = 15
 GRACE_PERIOD_S = 60
+HEARTBEAT_ENV = "AUTODROP_HEARTBEAT_INTERVAL"
+GRACE_ENV = "AUTODROP_GRACE_PERIOD"
+# How often a trial whose worker died may be re-run with the same parameters before it is given up.
+MAX_RETRY = 2
+
+
+def heartbeat_settings() -> tuple[int, int]:
+    """Return (heartbeat interval, grace period) in seconds, from the environment or the defaults."""
+    interval = _seconds_from_env(HEARTBEAT_ENV, HEARTBEAT_INTERVAL_S)
+    grace = _seconds_from_env(GRACE_ENV, GRACE_PERIOD_S)
+    if grace <= interval:
+        raise ConfigError(
+            f"{GRACE_ENV} must be longer than {HEARTBEAT_ENV}, but got {grace} and {interval} seconds: a live "
+            "worker would be taken for dead between two heartbeats."
+        )
+    return interval, grace
+
+
+def _seconds_from_env(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"environment variable {name} must be a whole number of seconds >= 1, but got {text!r}.")
+    return value
 
 
 def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseStorage:
@@ -43,6 +74,7 @@ def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseS
         path = Path(url[len("sqlite:///"):])
         if path.name and not path.parent.exists():
             raise StorageError(f"cannot create the study file {str(path)!r}: folder {str(path.parent)!r} does not exist.")
+    heartbeat_interval, grace_period = heartbeat_settings()
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         # Several local workers and the heartbeat thread write to one file: wait for the lock.
@@ -55,10 +87,12 @@ def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseS
             return optuna.storages.RDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
-                heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                grace_period=GRACE_PERIOD_S,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                # The retry inherits the steps already reported, and the user attributes that
+                # hold the checkpoint it resumes from.
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=2, inherit_intermediate_values=True
+                    max_retry=MAX_RETRY, inherit_intermediate_values=True
                 ),
             )
     except ImportError as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -46,6 +46,18 @@ class TrialMetrics:
     def gap(self) -> float:
         """Train minus validation accuracy: large means overfitting."""
         return self.train_accuracy - self.val_accuracy
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """A trial's training after a finished epoch: all it takes to go on with the next one."""
+
+    metrics: EpochMetrics  # the finished epoch's figures (its number is metrics.epoch)
+    model: dict[str, torch.Tensor]  # state_dict
+    optimizer: dict[str, Any]  # state_dict
+    batch_rng: torch.Tensor  # state of the generator that orders batches
+    dropout_rng: torch.Tensor  # state of torch's global CPU generator (dropout masks on CPU)
+    cuda_rng: torch.Tensor | None = None  # state of the device's generator (dropout masks on CUDA)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,10 +103,14 @@ def train_trial(
     seed: int,
     device: torch.device,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
+    resume: TrainingState | None = None,
+    on_checkpoint: Callable[[TrainingState], None] | None = None,
 ) -> TrialMetrics:
     """Train ``model`` on ``data`` (already on ``device``) and return its final figures.
 
     ``on_epoch`` sees each epoch's metrics and may raise (Optuna's TrialPruned) to stop early.
+    ``resume`` continues after the epoch it was taken at, as if training had never stopped;
+    ``on_checkpoint`` receives that state after every epoch, before ``on_epoch``.
     Raises TrainingDiverged when the loss stops being finite.
     """
     torch.manual_seed(seed)  # dropout masks come from the global generator
@@ -112,8 +128,19 @@ def train_trial(
     val_loss = val_accuracy = math.nan
     # "Early dropout": regularise while the network finds its features, then train without it.
     dropout_epochs = math.ceil(config.epochs / 2) if config.schedule == "early" else config.epochs
-    for epoch in range(1, config.epochs + 1):
-        if epoch == dropout_epochs + 1:
+    first_epoch = 1
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        batch_generator.set_state(resume.batch_rng)
+        torch.set_rng_state(resume.dropout_rng)
+        if resume.cuda_rng is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(resume.cuda_rng, device)
+        val_loss, val_accuracy = resume.metrics.val_loss, resume.metrics.val_accuracy
+        first_epoch = resume.metrics.epoch + 1
+    for epoch in range(first_epoch, config.epochs + 1):
+        # Dropout goes off at the switch (or at once, in a trial resumed past it).
+        if epoch > dropout_epochs and (epoch == dropout_epochs + 1 or epoch == first_epoch):
             for site in iter_sites(model):
                 site.p = None
         model.train()
@@ -138,8 +165,14 @@ def train_trial(
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch}")
         val_loss, val_accuracy = evaluate(model, data.val_images, data.val_labels, normaliser, device)
+        metrics = EpochMetrics(epoch, train_loss, val_loss, val_accuracy)
+        if on_checkpoint is not None:
+            on_checkpoint(TrainingState(
+                metrics, model.state_dict(), optimizer.state_dict(), batch_generator.get_state(),
+                torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            ))
         if on_epoch is not None:
-            on_epoch(EpochMetrics(epoch, train_loss, val_loss, val_accuracy))
+            on_epoch(metrics)
     train_eval_loss, train_accuracy = evaluate(model, data.train_images, data.train_labels, normaliser, device)
     return TrialMetrics(val_accuracy, val_loss, train_accuracy, train_eval_loss, config.epochs)
 

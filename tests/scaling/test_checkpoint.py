@@ -1,0 +1,121 @@
+"""Per-epoch checkpoints: a resumed trial trains on as if it had never stopped."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from autodrop.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from autodrop.config import TrainConfig
+from autodrop.data import ImageData
+from autodrop.errors import AutodropWarning
+from autodrop.models import ModelShape, build_model
+from autodrop.sites import apply_placement, site_kinds
+from autodrop.train import Normaliser, TrainingState, train_trial
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def data() -> ImageData:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % 3
+    images = torch.randint(0, 120, (60, 1, 16, 16), generator=generator, dtype=torch.uint8)
+    for c in range(3):
+        images[labels == c, :, :, c * 5 : c * 5 + 6] += 100
+    return ImageData("tiny", ("a", "b", "c"), images[:45], labels[:45], images[45:], labels[45:])
+
+
+def _model(data: ImageData) -> torch.nn.Module:
+    torch.manual_seed(7)
+    model = build_model("simple-cnn", ModelShape(1, 3, 16))
+    apply_placement(model, {site: 0.3 for site in site_kinds(model)})  # dropout on: its masks must resume too
+    return model
+
+
+@pytest.mark.parametrize(("schedule", "dies_after"), [("whole", 1), ("early", 3)])
+def test_resumed_training_matches_uninterrupted_training(data: ImageData, tmp_path: Path, schedule: str,
+                                                         dies_after: int) -> None:
+    torch.set_num_threads(1)
+    # With the early schedule, dropout is off from epoch 3: a trial resumed at epoch 4 must not turn it on again.
+    config = TrainConfig(epochs=4, batch_size=16, lr=2e-3, device="cpu", schedule=schedule)
+    normaliser = Normaliser(data.train_images)
+
+    straight = _model(data)
+    expected = train_trial(straight, data, normaliser, config, seed=3, device=CPU)
+
+    path = checkpoint_path(tmp_path, "study", 0)
+    first = _model(data)
+
+    class Died(Exception):
+        pass
+
+    def save_then_die(state: TrainingState) -> None:
+        save_checkpoint(path, state)
+        if state.metrics.epoch == dies_after:
+            raise Died  # the worker dies right after this checkpoint
+
+    with pytest.raises(Died):
+        train_trial(first, data, normaliser, config, seed=3, device=CPU, on_checkpoint=save_then_die)
+
+    resume = load_checkpoint(path, CPU)
+    assert resume is not None and resume.metrics.epoch == dies_after
+    epochs_seen: list[int] = []
+    resumed = _model(data)  # fresh weights: everything must come from the checkpoint
+    got = train_trial(resumed, data, normaliser, config, seed=3, device=CPU, resume=resume,
+                      on_epoch=lambda m: epochs_seen.append(m.epoch))
+    assert epochs_seen == list(range(dies_after + 1, 5))
+    assert got == expected
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_checkpoint_of_the_last_epoch_resumes_to_the_final_figures(data: ImageData, tmp_path: Path) -> None:
+    config = TrainConfig(epochs=2, batch_size=16, device="cpu")
+    normaliser = Normaliser(data.train_images)
+    path = checkpoint_path(tmp_path, "study", 1)
+    expected = train_trial(_model(data), data, normaliser, config, seed=1, device=CPU,
+                           on_checkpoint=lambda state: save_checkpoint(path, state))
+    # Killed after the last checkpoint but before the trial was told: nothing left to train.
+    got = train_trial(_model(data), data, normaliser, config, seed=1, device=CPU, resume=load_checkpoint(path, CPU))
+    assert got.val_accuracy == expected.val_accuracy
+    assert got.train_accuracy == expected.train_accuracy
+
+
+def test_missing_or_broken_checkpoint_starts_over_with_a_warning(tmp_path: Path) -> None:
+    missing = tmp_path / "nothing.pt"
+    with pytest.warns(AutodropWarning, match="starts over from epoch 1"):
+        assert load_checkpoint(missing, CPU) is None
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.warns(AutodropWarning, match="cannot be read"):
+        assert load_checkpoint(broken, CPU) is None
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(data: ImageData, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    config = TrainConfig(epochs=1, batch_size=16, device="cpu")
+    states: list[TrainingState] = []
+    train_trial(_model(data), data, Normaliser(data.train_images), config, seed=0, device=CPU,
+                on_checkpoint=states.append)
+    path = checkpoint_path(tmp_path, "my study/v2", 3)
+    assert path.parent.name == "my-study-v2" and path.name == "trial-3.pt"
+    save_checkpoint(path, states[0])
+    before = path.read_bytes()
+
+    def dies_halfway(payload: object, target: Path) -> None:
+        Path(target).write_bytes(b"half a fi")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError):
+        save_checkpoint(path, states[0])
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["trial-3.pt"]  # no half-written file left
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monkeypatch.undo()
+        assert load_checkpoint(path, CPU) is not None
