@@ -30,7 +30,7 @@ model.eval()
 val = torch.load(tensors, weights_only=True)
 with torch.no_grad():
     predicted = model(winner.normalise(val["images"])).argmax(dim=1)
-dropouts = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+dropouts = {name: m.p for name, m in model.named_modules() if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout2d))}
 print(json.dumps({"accuracy": (predicted == val["labels"]).float().mean().item(),
                   "correct": int((predicted == val["labels"]).sum()), "n": len(val["labels"]),
                   "dropouts": dropouts, "autodrop_loaded": sys.modules.get("autodrop") is not None}))
@@ -76,7 +76,7 @@ def test_exported_best_trial_reproduces_recorded_accuracy_without_autodrop(tiny_
     assert measured["autodrop_loaded"] is False
     assert measured["n"] == study.user_attrs["autodrop.data"]["n_val"]
     assert measured["correct"] / measured["n"] == best.value  # exactly: the stored weights were used
-    # The chosen rates are in the source as nn.Dropout layers, and only there.
+    # The chosen rates are in the source as nn.Dropout or nn.Dropout2d layers, and only there.
     on = {k: v for k, v in best.params.items() if k.endswith(".p")}
     assert sorted(round(p, 3) for p in measured["dropouts"].values()) == sorted(round(p, 3) for p in on.values())
 
