@@ -71,6 +71,9 @@ def main() -> None:
 @click.option("--study", default=None, help="Study name; default: made from the data and model.")
 @click.option("--storage", default=None, help="Optuna storage URL; default: sqlite file ./autodrop.db.")
 @click.option("--timeout", type=float, default=None, help="Seconds after which no new trial starts.")
+@click.option("--pack", type=int, default=None,
+              help="Train this many trials at once as one packed model (1 = one at a time); "
+                   "default: automatic on a CUDA GPU, 1 elsewhere.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 def search(ctx: click.Context, spec: str | None, quiet: bool, **options: Any) -> None:

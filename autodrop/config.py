@@ -61,6 +61,7 @@ class SearchConfig:
     study: str | None = None  # None derives a name from the data and model
     storage: str | None = None  # an Optuna storage URL; None is ./autodrop.db
     timeout: float | None = None  # seconds after which no new trial starts
+    pack: int | None = None  # trials trained at once as one packed model; 1 is off, None picks by device
 
     @property
     def study_name(self) -> str:
@@ -112,6 +113,7 @@ def validate(config: SearchConfig) -> SearchConfig:
         f"--timeout must be a positive number of seconds, but got {config.timeout}.",
     )
     _check(bool(config.model), "--model must name a model, but got an empty string.")
+    _check(config.pack is None or config.pack >= 1, f"--pack must be at least 1 (1 trains one trial at a time), but got {config.pack}.")
     return config
 
 
@@ -125,7 +127,7 @@ _DATA_KEYS = {"data": "source", "image-size": "image_size", "channels": "channel
               "val-fraction": "val_fraction", "train-per-class": "train_per_class"}
 _TRAIN_KEYS = {"epochs": "epochs", "batch-size": "batch_size", "lr": "lr", "device": "device"}
 _SEARCH_KEYS = {"model": "model", "trials": "trials", "rate-range": "rate_range", "pruner": "pruner",
-                "seed": "seed", "study": "study", "storage": "storage", "timeout": "timeout"}
+                "seed": "seed", "study": "study", "storage": "storage", "timeout": "timeout", "pack": "pack"}
 OPTION_NAMES = tuple(_DATA_KEYS) + tuple(_TRAIN_KEYS) + tuple(_SEARCH_KEYS)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from typing import Any
 
 import optuna
@@ -26,6 +28,7 @@ from autodrop.study import (
     open_storage,
 )
 from autodrop.train import EpochMetrics, Normaliser, TrainingDiverged, resolve_device, train_trial
+from autodrop.packed import PackTrainer, auto_pack_size, packing_problem
 
 # A run that sees this many trials fail in a row stops: the cause is the settings, not bad luck.
 MAX_CONSECUTIVE_FAILURES = 5
@@ -104,7 +107,11 @@ def run_search(config: SearchConfig, *, progress: Progress) -> SearchResult:
 
     remaining = config.trials - count_finished(study)
     if remaining > 0:
-        _run_trials(study, config, data, sites, device, progress)
+        pack = _pack_size(config, device, shape, remaining)
+        if pack > 1:
+            _run_packed_trials(study, config, data, sites, device, progress, pack)
+        else:
+            _run_trials(study, config, data, sites, device, progress)
     return summarize_study(study, config.storage_url)
 
 
@@ -256,3 +263,150 @@ def _run_trials(
     finally:
         progress.close()
 
+
+
+def _pack_size(config: SearchConfig, device: torch.device, shape: ModelShape, remaining: int) -> int:
+    """Return how many trials to train at once: ``--pack``, or by device when not given."""
+    problem = packing_problem(build_model(config.model, shape))
+    if config.pack is None:
+        return 1 if problem else auto_pack_size(device, remaining)
+    if config.pack > 1 and problem:
+        raise ConfigError(f"--pack {config.pack} cannot pack model {config.model!r}: {problem}; use --pack 1.")
+    return config.pack
+
+
+def _run_packed_trials(
+    study: optuna.Study,
+    config: SearchConfig,
+    data: ImageData,
+    sites: dict[str, str],
+    device: torch.device,
+    progress: Progress,
+    pack: int,
+) -> None:
+    """Run trials ``pack`` at a time as one packed model, each asked and told as its own trial.
+
+    Members share batches; at every epoch end each member is reported, and pruned, on its own.
+    A finished, pruned or failed member's slot goes to the next asked trial, or the pack shrinks.
+    """
+    from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
+
+    data_on_device = data.to(device)
+    normaliser = Normaliser(data.train_images).to(device)
+    shape = ModelShape(data.channels, data.n_classes, data.image_size)
+    site_names = list(sites)
+    epochs = config.train.epochs
+    deadline = None if config.timeout is None else time.monotonic() + config.timeout
+    first_number = len(study.get_trials(deepcopy=False))
+    trainer = PackTrainer(
+        data_on_device, normaliser, config.train, device=device,
+        seed=(config.seed * 1_000_003 + first_number) % 2**31,
+        build=lambda: build_model(config.model, shape),
+    )
+    active: dict[optuna.Trial, Any] = {}  # trial -> its heartbeat thread
+    consecutive_failures = 0
+
+    def may_ask() -> bool:
+        if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+            return False
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        return count_finished(study) + len(active) < config.trials
+
+    def start_trial() -> tuple[optuna.Trial, torch.nn.Module, dict[str, float | None]]:
+        with warnings.catch_warnings():
+            # This loop beats for its trials itself, as Study.optimize does (hence the filter).
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if is_heartbeat_enabled(study._storage):
+                optuna.storages.fail_stale_trials(study)
+            trial = study.ask()
+        placement = suggest_placement(trial, site_names, config.rate_range)
+        seed = int(trial.user_attrs.get("seed", (config.seed * 1_000_003 + trial.number) % 2**31))
+        trial.set_user_attr("seed", seed)
+        trial.set_user_attr("pack_size", pack)
+        heartbeat = get_heartbeat_thread(trial._trial_id, study._storage)
+        heartbeat.start()
+        active[trial] = heartbeat
+        torch.manual_seed(seed)  # the member's initial weights are those it would have alone
+        return trial, build_model(config.model, shape), placement
+
+    def finish(trial: optuna.Trial, state: optuna.trial.TrialState, value: float | None = None) -> None:
+        nonlocal consecutive_failures
+        active.pop(trial).join()
+        study.tell(trial, value, state=state)
+        if state == optuna.trial.TrialState.FAIL:
+            consecutive_failures += 1
+            return
+        consecutive_failures = 0
+        try:
+            best = study.best_value
+        except ValueError:
+            best = None
+        progress.trial_done(best)
+
+    progress.start(config.trials, count_finished(study))
+    try:
+        members = []
+        while len(members) < pack and may_ask():
+            members.append(start_trial())
+        if not members:
+            return
+        trainer.set_members(members)
+        while len(trainer):
+            epoch_metrics = trainer.epoch_metrics(trainer.train_epoch())
+            done: list[optuna.Trial] = []
+            last: dict[object, EpochMetrics] = {}
+            for trial, m in zip(list(trainer.tags), epoch_metrics):
+                assert isinstance(trial, optuna.Trial)
+                if not math.isfinite(m.train_loss):
+                    trial.set_user_attr("fail_reason", f"training loss became {m.train_loss} in epoch {m.epoch}")
+                    finish(trial, optuna.trial.TrialState.FAIL)
+                    done.append(trial)
+                    continue
+                trial.report(m.val_accuracy, m.epoch)
+                trial.set_user_attr("train_loss", m.train_loss)
+                trial.set_user_attr("val_loss", m.val_loss)
+                trial.set_user_attr("epochs_run", m.epoch)
+                progress.epoch(trial.number, m.epoch, epochs, m.val_accuracy)
+                last[trial] = m
+                if m.epoch >= epochs:
+                    done.append(trial)
+                elif BASELINE_ATTR not in trial.user_attrs and trial.should_prune():
+                    # Baselines are the yardstick: they always run to the end.
+                    trial.set_user_attr("pruned_reason", f"val accuracy {m.val_accuracy:.4f} at epoch {m.epoch}")
+                    finish(trial, optuna.trial.TrialState.PRUNED)
+                    done.append(trial)
+            complete = [t for t in done if t in active]
+            if complete:
+                for trial, metrics in trainer.final_metrics(complete, last).items():
+                    assert isinstance(trial, optuna.Trial)
+                    trial.set_user_attr("train_accuracy", metrics.train_accuracy)
+                    trial.set_user_attr("train_loss", metrics.train_loss)
+                    trial.set_user_attr("val_loss", metrics.val_loss)
+                    trial.set_user_attr("gap", metrics.gap)
+                    finish(trial, optuna.trial.TrialState.COMPLETE, metrics.val_accuracy)
+            leaving = []
+            for trial in done:
+                if may_ask():
+                    new_trial, model, placement = start_trial()
+                    trainer.replace(trial, new_trial, model, placement)
+                else:
+                    leaving.append(trial)
+            if leaving:
+                trainer.remove(leaving)
+        if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+            last_failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))[-1]
+            reason = last_failed.user_attrs.get("fail_reason", "see the study's failed trials")
+            raise ConfigError(
+                f"{MAX_CONSECUTIVE_FAILURES} trials failed in a row ({reason}); finished trials are kept. "
+                "Lower --lr or check the data, then rerun to resume."
+            )
+    finally:
+        # Interrupted or crashed: the members still training are failed, as optimize() would.
+        for trial in list(active):
+            try:
+                finish(trial, optuna.trial.TrialState.FAIL)
+            except Exception:  # the storage may be what failed; leave the trial to the heartbeat
+                pass
+        progress.close()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from autodrop import masks
 from autodrop.errors import ModelError
 
 SITE_KINDS = ("conv", "fc")
@@ -31,6 +32,9 @@ class DropSite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p is None or not self.training:
             return x
+        if x.device.type == "cpu":
+            # CPU dropout via bernoulli_ is slow; masks.dropout draws 16-bit numbers instead.
+            return masks.dropout(x, self.p)
         return F.dropout(x, self.p, training=True)
 
     def extra_repr(self) -> str:
