@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from autodrop import cache
 from autodrop.config import DataConfig
 from autodrop.errors import AutodropWarning, DataError
 
@@ -140,19 +141,15 @@ def _load_folder(config: DataConfig) -> ImageData:
         extra = sorted(set(val_classes) - set(classes))
         if extra:
             raise DataError(f"{root / 'val'} has classes {extra} that {root / 'train'} lacks.")
-        decoded_train = _decode_all(train_files, config)
-        decoded_val = _decode_all(val_files, config)
-        channels = config.channels or _pick_channels(decoded_train + decoded_val)
-        train_images, train_labels = _stack(decoded_train, classes, channels)
-        val_images, val_labels = _stack(decoded_val, classes, channels)
+        (train_images, train_labels), (val_images, val_labels) = _decode_groups(
+            root, [train_files, val_files], classes, config
+        )
         _require_usable(root / "train", train_labels, classes)
         if len(val_labels) == 0:
             raise DataError(f"{root / 'val'} holds no readable images.")
         return ImageData(name, tuple(classes), train_images, train_labels, val_images, val_labels)
     files, classes = _list_classes(root)
-    decoded = _decode_all(files, config)
-    channels = config.channels or _pick_channels(decoded)
-    images, labels = _stack(decoded, classes, channels)
+    ((images, labels),) = _decode_groups(root, [files], classes, config)
     _require_usable(root, labels, classes)
     return _split(name, images, labels, tuple(classes), config.val_fraction)
 
@@ -171,6 +168,30 @@ def _list_classes(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
         if path.is_file() and not path.name.startswith(".")
     ]
     return files, [d.name for d in class_dirs]
+
+
+def _decode_groups(
+    root: Path, groups: list[list[tuple[Path, str]]], classes: list[str], config: DataConfig
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Return (images, labels) for each group of files, decoded once and then read from the cache.
+
+    The channels are picked over all groups together, so train/ and val/ always match.
+    """
+
+    def build() -> dict[str, np.ndarray]:
+        decoded = [_decode_all(files, config) for files in groups]
+        channels = config.channels or _pick_channels([item for group in decoded for item in group])
+        arrays = {}
+        for i, group in enumerate(decoded):
+            images, labels = _stack(group, classes, channels)
+            arrays[f"images{i}"], arrays[f"labels{i}"] = images.numpy(), labels.numpy()
+        return arrays
+
+    settings = {"image_size": config.image_size, "channels": config.channels, "classes": classes}
+    arrays = cache.cached_arrays(root, settings, groups, build)
+    return [
+        (torch.from_numpy(arrays[f"images{i}"]), torch.from_numpy(arrays[f"labels{i}"])) for i in range(len(groups))
+    ]
 
 
 def _decode_all(files: list[tuple[Path, str]], config: DataConfig) -> list[tuple[np.ndarray, str]]:

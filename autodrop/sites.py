@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from autodrop.config import DROPOUT_KINDS, ORDERS
+from autodrop import masks
 from autodrop.errors import ModelError
 
 SITE_KINDS = ("conv", "fc")
@@ -41,6 +42,9 @@ class DropSite(nn.Module):
             return x
         if self.dropout_kind == "channel":
             return F.dropout2d(x, self.p, training=True)
+        if x.device.type == "cpu":
+            # CPU dropout via bernoulli_ is slow; masks.dropout draws 16-bit numbers instead.
+            return masks.dropout(x, self.p)
         return F.dropout(x, self.p, training=True)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end at a tiny size (no speed is asserted: that is their output)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> list[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()
+
+
+@pytest.mark.slow
+def test_trial_throughput_runs_and_ends_with_the_speedup_line() -> None:
+    lines = _run("benchmarks/trial_throughput.py", "--size", "64", "--image-size", "16", "--epochs", "1",
+                 "--repeats", "1", "--pack", "2")
+    assert re.fullmatch(r"speedup vs tutorial loop: \d+\.\d\dx", lines[-1]), lines[-1]
+    text = "\n".join(lines)
+    for label in ("(a) tutorial loop", "(b) autodrop trial loop", "(c) 2 trials packed", "matmul rate", "peak RSS"):
+        assert label in text
+
+
+@pytest.mark.slow
+def test_search_memory_reports_peaks() -> None:
+    lines = _run("benchmarks/search_memory.py", "--images", "400", "--datasets", "synthetic")
+    assert lines[-1].startswith("synthetic (400 images):") and "resumed" in lines[-1]
