@@ -245,7 +245,7 @@ def test_every_builtin_model_exports_to_matching_source(model_name, tmp_path):
     assert sum(isinstance(m, torch.nn.Dropout) for m in written.modules()) == sum(r is not None for r in placement.values())
 
 
-def test_channel_dropout_before_batch_norm_is_exported_as_written(tmp_path):
+def test_channel_dropout_before_batch_norm_is_exported_as_written(tmp_path, monkeypatch):
     import importlib.util
 
     import torch
@@ -253,6 +253,7 @@ def test_channel_dropout_before_batch_norm_is_exported_as_written(tmp_path):
     from autodrop.config import SearchConfig
     from autodrop.export import TrialRecord, class_name_for, export_builtin
     from autodrop.models import ModelShape, build_model
+    from autodrop import sites as sites_module
     from autodrop.sites import site_kinds
 
     shape = ModelShape(1, 10, 16)
@@ -279,6 +280,7 @@ def test_channel_dropout_before_batch_norm_is_exported_as_written(tmp_path):
     written = module.SimpleCNN()
     written.load_state_dict(model.state_dict())
     x = torch.randn(4, 1, 16, 16)
+    monkeypatch.setattr(sites_module, "use_fast_cpu_masks", False)  # compare with torch's own dropout masks
     torch.manual_seed(0)
     expected = model.train()(x)
     torch.manual_seed(0)
