@@ -50,9 +50,10 @@ def dropout(x: torch.Tensor, rate: float) -> torch.Tensor:
         return x * 0.0
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
     noise = random_int16(x.shape, x.device, channels_last)
-    # One pass to a scaled float mask; autograd keeps the mask (not x) for the backward multiply.
-    mask = torch.where(noise >= keep_threshold(rate), 1.0 / (1.0 - applied), 0.0).to(x.dtype)
-    return x * mask
+    # A 0/1 byte mask: multiplying by bytes is as fast as by floats (by bools is 4x slower), and
+    # autograd keeps only the bytes for the backward multiply. The scale is applied in place.
+    keep = (noise >= keep_threshold(rate)).view(torch.uint8)
+    return (x * keep).mul_(1.0 / (1.0 - applied))
 
 
 def dropout_per_channel(
@@ -67,8 +68,8 @@ def dropout_per_channel(
     noise = random_int16(x.shape, x.device, channels_last)
     view = [1] * x.dim()
     view[channel_dim] = -1
-    mask = torch.where(noise >= thresholds.view(view), scales.view(view), 0.0)
-    return x * mask.to(x.dtype)
+    keep = (noise >= thresholds.view(view)).view(torch.uint8)
+    return (x * keep).mul_(scales.view(view).to(x.dtype))
 
 
 def channel_rates(rates: list[float], repeat: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

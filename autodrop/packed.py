@@ -495,7 +495,7 @@ class PackTrainer:
         net.eval()
         loss_sum = torch.zeros(k, device=self.device)
         correct = torch.zeros(k, device=self.device, dtype=torch.long)
-        chunk = max(1, eval_chunk_size(self.device) // k)
+        chunk = max(1, eval_chunk_size(self.device, images.shape[-1]) // k)
         with torch.inference_mode(), autocast_for(self.device):
             forward = net.plan()
             for start in range(0, len(labels), chunk):

@@ -17,9 +17,10 @@ from autodrop.data import ImageData
 from autodrop.sites import DropSite, iter_sites
 
 EVAL_CHUNK = 1024  # images per forward pass when evaluating on a GPU; no gradients, so memory is small
-# On a CPU a chunk's activations should stay in cache: 1,024 32x32 images make 128 MB of first-layer
-# maps, and evaluating in chunks of 256 was faster here (see benchmarks/README.md).
-CPU_EVAL_CHUNK = 256
+# On a CPU a chunk's maps must fit the cache: the built-in CNN's first convolution ran 5x slower per
+# image at 256 32x32 images (32 MB of maps, more than this box's L3) than at 128. So a CPU chunk
+# holds this many input pixels: 128 images at 32x32, 32 at 64x64.
+CPU_EVAL_PIXELS = 128 * 32 * 32
 
 
 class TrainingDiverged(RuntimeError):
@@ -80,9 +81,11 @@ def use_channels_last(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda")
 
 
-def eval_chunk_size(device: torch.device) -> int:
-    """Return how many images to evaluate per forward pass on ``device``."""
-    return CPU_EVAL_CHUNK if device.type == "cpu" else EVAL_CHUNK
+def eval_chunk_size(device: torch.device, image_size: int) -> int:
+    """Return how many ``image_size`` x ``image_size`` images to evaluate per forward pass on ``device``."""
+    if device.type == "cpu":
+        return max(1, CPU_EVAL_PIXELS // (image_size * image_size))
+    return EVAL_CHUNK
 
 
 def autocast_for(device: torch.device) -> Any:
@@ -269,7 +272,9 @@ class FoldedConv(nn.Module):
             shift = (bias - bn.running_mean) * scale
             if bn.bias is not None:
                 shift = shift + bn.bias
-            self.weight = conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+            weight = conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+            # Channels-last weights keep the maps channels-last (a one-channel input is ambiguous).
+            self.weight = weight.to(memory_format=torch.channels_last) if weight.dim() == 4 else weight
             self.bias = shift
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
 
@@ -284,9 +289,19 @@ class Normaliser:
     """
 
     def __init__(self, images: torch.Tensor) -> None:
-        pixels = images.float().transpose(0, 1).reshape(images.shape[1], -1)
-        mean = pixels.mean(dim=1)
-        std = pixels.std(dim=1).clamp_min(1e-3)
+        # Sums over chunks in float64: a float copy of the whole set would be 4x its size (8x with
+        # the transposed copy), a transient peak of gigabytes on a 50,000-image set.
+        channels = images.shape[1]
+        total = torch.zeros(channels, dtype=torch.float64)
+        squares = torch.zeros(channels, dtype=torch.float64)
+        for start in range(0, len(images), 1024):
+            chunk = images[start : start + 1024].to("cpu", torch.float64).transpose(0, 1).reshape(channels, -1)
+            total += chunk.sum(dim=1)
+            squares += chunk.square().sum(dim=1)
+        n = max(images.numel() // max(channels, 1), 2)
+        mean = total / n
+        variance = ((squares - total * mean) / (n - 1)).clamp_min(0.0)  # unbiased, as Tensor.std
+        mean, std = mean.float(), variance.sqrt().float().clamp_min(1e-3)
         shape = (1, -1, 1, 1)
         self.scale = (1.0 / std).view(shape)
         self.shift = (-mean / std).view(shape)
@@ -391,7 +406,7 @@ def evaluate(
     channels_last = use_channels_last(device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    chunk = eval_chunk_size(device)
+    chunk = eval_chunk_size(device, images.shape[-1])
     with torch.inference_mode(), autocast_for(device):
         forward = forward_plan(model, training=False)
         for start in range(0, len(labels), chunk):

@@ -288,7 +288,7 @@ def _matmul_dtype(device: torch.device) -> str:
 
 def _matmul_rate(device: torch.device) -> float:
     """Return the best FLOP/s of a large square matmul on ``device`` (bf16 on CUDA, float32 on CPU)."""
-    n = 8192 if device.type == "cuda" else 1024
+    n = 8192 if device.type == "cuda" else 2048
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import autodrop.train as train_module
 from autodrop.config import DataConfig, TrainConfig
@@ -87,14 +86,14 @@ def test_packed_eval_plan_equals_separate_models() -> None:
             torch.testing.assert_close(out[k], member.eval()(x), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("chunk", [7, 256, 4096])
-def test_evaluation_does_not_depend_on_the_chunk_size(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("pixels", [7 * 256, 128 * 256, 4096 * 256])
+def test_evaluation_does_not_depend_on_the_chunk_size(pixels: int, monkeypatch: pytest.MonkeyPatch) -> None:
     data = load_data(DataConfig(source="digits", image_size=16, train_per_class=5))
     normaliser = Normaliser(data.train_images)
     model = _model().to(memory_format=torch.channels_last)
     device = torch.device("cpu")
     reference = evaluate(model, data.val_images, data.val_labels, normaliser, device)
-    monkeypatch.setattr(train_module, "CPU_EVAL_CHUNK", chunk)
+    monkeypatch.setattr(train_module, "CPU_EVAL_PIXELS", pixels)
     loss, accuracy = evaluate(model, data.val_images, data.val_labels, normaliser, device)
     assert accuracy == reference[1]
     assert loss == pytest.approx(reference[0], rel=1e-5)
@@ -157,3 +156,21 @@ def test_train_trial_learns_and_is_reproducible() -> None:
                                    device=torch.device("cpu")))
     assert results[0] == results[1]
     assert results[0].val_accuracy > 0.3  # ten classes: chance is 0.1
+
+
+def test_cpu_eval_chunks_shrink_with_the_image_size() -> None:
+    cpu = torch.device("cpu")
+    assert train_module.eval_chunk_size(cpu, 32) == 128
+    assert train_module.eval_chunk_size(cpu, 64) == 32
+    assert train_module.eval_chunk_size(cpu, 1024) == 1
+    assert train_module.eval_chunk_size(torch.device("cuda"), 32) == train_module.EVAL_CHUNK
+
+
+def test_normaliser_matches_the_plain_statistics() -> None:
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2500, 3, 5, 5), dtype=torch.uint8)  # more than one chunk
+    normaliser = Normaliser(images)
+    pixels = images.float().transpose(0, 1).reshape(3, -1)
+    mean, std = pixels.mean(dim=1), pixels.std(dim=1)
+    torch.testing.assert_close(normaliser.scale.flatten(), 1 / std)
+    torch.testing.assert_close(normaliser.shift.flatten(), -mean / std)

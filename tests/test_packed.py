@@ -197,3 +197,4 @@ def test_packed_maps_are_channels_last_from_a_one_channel_input() -> None:
     x = torch.randn(4, 1, 16, 16).contiguous(memory_format=torch.channels_last)
     maps = packed.layers[0](x)
     assert maps.shape[1] == 64 and maps.is_contiguous(memory_format=torch.channels_last)
+
