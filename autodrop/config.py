@@ -65,7 +65,7 @@ class SearchConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     model: str = "simple-cnn"  # a built-in name, FILE.py:NAME, package.module:NAME or torchvision:NAME
     model_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments for a user model
-    trials: int = 24  # finished trials the study ends with, baselines included
+    trials: int = 20  # finished trials the study ends with, baselines included
     rate_range: tuple[float, float] = (0.05, 0.7)  # lowest and highest dropout rate searched
     kinds: tuple[str, ...] = DROPOUT_KINDS  # dropout kinds searched at conv sites
     orders: tuple[str, ...] = ORDERS  # slots searched for conv sites that have a batch norm

@@ -109,4 +109,4 @@ def test_python_dash_m_autodrop_runs_the_cli():
 def test_search_help_shows_the_defaults():
     result = CliRunner().invoke(main, ["search", "--help"])
     assert result.exit_code == 0
-    assert "--trials" in result.output and "default: 24" in result.output
+    assert "--trials" in result.output and "default: 20" in result.output
