@@ -100,6 +100,9 @@ def main() -> None:
               help="Worker processes to start here, all on the one study (more machines: run the command on each).")
 @click.option("--devices", default=None,
               help="Devices for the workers in turn, e.g. cuda:0,cuda:1; default: --device for all.")
+@click.option("--pack", type=click.IntRange(min=1), default=None,
+              help="Trials trained at once as one packed network (each still its own trial). "
+                   "Default: 8 per GPU, shared among the workers on it; 1 on a CPU.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
               help="Folder for running trials' per-epoch checkpoints; default: autodrop-checkpoints/ next to an "
                    "SQLite file, else in the working directory. Share it between machines to resume across them.")

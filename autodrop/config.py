@@ -78,6 +78,7 @@ class SearchConfig:
     workers: int = 1  # worker processes this run starts on this machine, all on the one study
     devices: tuple[str, ...] = ()  # devices handed to the workers in turn; () uses `device` for all
     checkpoint_dir: str | None = None  # where running trials keep per-epoch checkpoints
+    pack: int | None = None  # trials trained at once as one packed network; None: 8 per GPU, 1 on a CPU
 
     @property
     def study_name(self) -> str:
@@ -140,6 +141,7 @@ def validate(config: SearchConfig) -> SearchConfig:
         f"--device must be one of {', '.join(DEVICES)} or cuda:N, but got {train.device!r}.",
     )
     _check(config.workers >= 1, f"--workers must be at least 1, but got {config.workers}.")
+    _check(config.pack is None or config.pack >= 1, f"--pack must be at least 1, but got {config.pack}.")
     for device in config.devices:
         _check(
             _DEVICE_PATTERN.fullmatch(device) is not None,
@@ -197,7 +199,7 @@ _SEARCH_KEYS = {"model": "model", "model-args": "model_args", "trials": "trials"
                 "orders": "orders", "pruner": "pruner", "seed": "seed", "study": "study", "storage": "storage",
                 "timeout": "timeout",
                 "artifact-dir": "artifact_dir",
-                "workers": "workers", "devices": "devices", "checkpoint-dir": "checkpoint_dir"}
+                "workers": "workers", "devices": "devices", "checkpoint-dir": "checkpoint_dir", "pack": "pack"}
 OPTION_NAMES = tuple(_DATA_KEYS) + tuple(_TRAIN_KEYS) + tuple(_SEARCH_KEYS)
 
 

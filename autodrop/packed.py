@@ -21,6 +21,7 @@ Only layers whose packed form is known are accepted (:func:`packing_problem` say
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -31,7 +32,7 @@ from torch.nn import functional as F
 from autodrop import masks
 from autodrop.config import TrainConfig
 from autodrop.data import ImageData
-from autodrop.sites import DropSite
+from autodrop.sites import DEFAULT_ORDER, DropSite, iter_sites
 from autodrop.train import (
     EpochMetrics,
     Normaliser,
@@ -39,6 +40,7 @@ from autodrop.train import (
     TrialMetrics,
     autocast_for,
     eval_chunk_size,
+    evaluate,
     forward_plan,
     prepare_device,
     use_channels_last,
@@ -174,18 +176,25 @@ class PackedFlatten(nn.Module):
 
 
 class PackedDropSite(nn.Module):
-    """One drop site of K members, each at its own rate (0 where the member has it off)."""
+    """One drop-site slot of K members, each at its own rate (0 where the member has it off).
+
+    Each member also keeps its own dropout kind: element-wise, or whole feature maps ("channel",
+    as nn.Dropout2d), so members that differ only in the kind of dropout share one pack.
+    """
 
     def __init__(self, members: Sequence[DropSite], channel_dim: int) -> None:
         super().__init__()
         self.site_name = members[0].site_name
         self.kind = members[0].kind
+        self.slot = members[0].slot
         self.channel_dim = channel_dim  # 1 for packed maps, 0 for packed features
         self.rates = [m.p or 0.0 for m in members]
-        self._masks: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.whole_maps = [m.dropout_kind == "channel" and channel_dim == 1 for m in members]
+        self._masks: dict[tuple[int, torch.device], tuple[torch.Tensor, ...]] = {}
 
-    def set_rate(self, member: int, rate: float | None) -> None:
+    def set_member(self, member: int, rate: float | None, whole_maps: bool = False) -> None:
         self.rates[member] = rate or 0.0
+        self.whole_maps[member] = whole_maps and self.channel_dim == 1
         self._masks.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,12 +203,26 @@ class PackedDropSite(nn.Module):
         per_member = x.shape[self.channel_dim] // len(self.rates)
         key = (per_member, x.device)
         if key not in self._masks:
-            self._masks[key] = masks.channel_rates(self.rates, per_member if self.channel_dim == 1 else 1, x.device)
-        thresholds, scales = self._masks[key]
-        return masks.dropout_per_channel(x, thresholds, scales, self.channel_dim)
+            repeat = per_member if self.channel_dim == 1 else 1
+            element = [0.0 if whole else rate for rate, whole in zip(self.rates, self.whole_maps)]
+            maps = [rate if whole else 0.0 for rate, whole in zip(self.rates, self.whole_maps)]
+            self._masks[key] = (
+                *masks.channel_rates(element, repeat, x.device), *masks.channel_rates(maps, repeat, x.device)
+            )
+        element_thresholds, element_scales, map_thresholds, map_scales = self._masks[key]
+        if any(r and not w for r, w in zip(self.rates, self.whole_maps)):
+            x = masks.dropout_per_channel(x, element_thresholds, element_scales, self.channel_dim)
+        if any(r and w for r, w in zip(self.rates, self.whole_maps)):
+            # One draw per image and map, broadcast over the map's pixels.
+            keep = masks.dropout_per_channel(
+                torch.ones(x.shape[0], x.shape[1], 1, 1, device=x.device, dtype=x.dtype),
+                map_thresholds, map_scales, 1,
+            )
+            x = x * keep
+        return x
 
     def extra_repr(self) -> str:
-        return f"{self.site_name!r}, rates={[round(r, 4) for r in self.rates]}"
+        return f"{self.site_name!r}, slot={self.slot}, rates={[round(r, 4) for r in self.rates]}"
 
 
 class _Softmax(nn.Module):
@@ -248,7 +271,7 @@ class PackedNet(nn.Module):
                 keys.append(_MemberKey(f"{name}.{key}", packed_key, tuple(value.shape), shared=value.dim() == 0))
         self.layers = nn.Sequential(*layers)
         self._keys = keys
-        self._sites = {m.site_name: m for m in layers if isinstance(m, PackedDropSite)}
+        self._site_layers = [m for m in layers if isinstance(m, PackedDropSite)]
 
     def _pack_layer(self, group: list[nn.Module], layout: str) -> tuple[nn.Module, str]:
         first = group[0]
@@ -284,18 +307,50 @@ class PackedNet(nn.Module):
 
     @property
     def site_names(self) -> list[str]:
-        return list(self._sites)
+        return list(dict.fromkeys(site.site_name for site in self._site_layers))
 
-    def set_placement(self, member: int, rates: Mapping[str, float | None]) -> None:
-        """Give member ``member`` the rates of ``rates`` (a missing or None site is off)."""
-        unknown = sorted(set(rates) - set(self._sites))
+    def set_placement(
+        self,
+        member: int,
+        rates: Mapping[str, float | None],
+        variants: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
+        """Give member ``member`` the rates of ``rates`` (a missing or None site is off), in the
+        kind and slot ``variants`` names (default: element-wise, after the activation), as
+        :func:`autodrop.sites.apply_placement` does for one model."""
+        variants = variants or {}
+        unknown = sorted((set(rates) | set(variants)) - set(self.site_names))
         if unknown:
-            raise ValueError(f"placement names unknown sites {unknown}; the sites are {sorted(self._sites)}.")
-        for name, site in self._sites.items():
-            site.set_rate(member, rates.get(name))
+            raise ValueError(f"placement names unknown sites {unknown}; the sites are {self.site_names}.")
+        for site in self._site_layers:
+            variant = variants.get(site.site_name, {})
+            active = site.slot == variant.get("order", DEFAULT_ORDER)
+            site.set_member(member, rates.get(site.site_name) if active else None,
+                            whole_maps=variant.get("kind") == "channel")
+
+    def copy_sites_from(self, member: int, model: nn.Module) -> None:
+        """Give member ``member`` the rates and kinds that ``model``'s drop sites are set to."""
+        for packed, site in zip(self._site_layers, iter_sites(model), strict=True):
+            packed.set_member(member, site.p, whole_maps=site.dropout_kind == "channel")
+
+    def copy_sites_to(self, member: int, model: nn.Module) -> None:
+        """Set ``model``'s drop sites to member ``member``'s rates and kinds."""
+        for packed, site in zip(self._site_layers, iter_sites(model), strict=True):
+            site.p = packed.rates[member] or None
+            site.dropout_kind = "channel" if packed.whole_maps[member] else "element"
+
+    def silence(self, member: int) -> None:
+        """Switch every site of member ``member`` off (the second half of an early-dropout run)."""
+        for site in self._site_layers:
+            site.set_member(member, None)
 
     def placement(self, member: int) -> dict[str, float | None]:
-        return {name: (site.rates[member] or None) for name, site in self._sites.items()}
+        """Return member ``member``'s rate at each site (None where off), whichever slot holds it."""
+        found: dict[str, float | None] = dict.fromkeys(self.site_names)
+        for site in self._site_layers:
+            if site.rates[member]:
+                found[site.site_name] = site.rates[member]
+        return found
 
     def member_state_dict(self, member: int) -> dict[str, torch.Tensor]:
         """Return member ``member``'s weights and buffers under the names of the original model."""
@@ -383,8 +438,10 @@ class PackTrainer:
     """Trains up to K trials at once, epoch by epoch, on shared batches; slots can be swapped.
 
     Every member sees the same batches in the same order (one permutation per pack epoch, from
-    ``seed``); a slot freed by a finished or pruned member is given to a new trial (which starts
-    its epoch 1 at the pack's next epoch) or dropped, which repacks the rest into a smaller model.
+    ``seed``). Between epochs, :meth:`update` takes finished or pruned members out and new trials
+    in: a new trial takes a freed slot (its epoch 1 is the pack's next epoch), and the pack grows or
+    shrinks (a repack, which keeps every member's weights, Adam state and step) when the counts differ.
+    With ``config.schedule == "early"``, each member's dropout goes off after its own first half.
     """
 
     def __init__(self, data: ImageData, normaliser: Normaliser, config: TrainConfig, *, device: torch.device,
@@ -394,6 +451,8 @@ class PackTrainer:
         prepare_device(device)
         self.channels_last = use_channels_last(device)
         self.batch_generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # dropout masks come from the global generator
+        self.dropout_epochs = math.ceil(config.epochs / 2) if config.schedule == "early" else config.epochs
         self.slots: list[_Slot] = []
         self.net: PackedNet | None = None
         self.optimizer: PackedAdam | None = None
@@ -414,44 +473,48 @@ class PackTrainer:
                 return i
         raise KeyError(tag)
 
-    def set_members(self, members: Sequence[tuple[object, nn.Module, Mapping[str, float | None]]]) -> None:
-        """Start a pack from scratch with these (tag, freshly built model, placement) members."""
-        self.slots = [_Slot(tag) for tag, _, _ in members]
-        self.net = PackedNet([model for _, model, _ in members]).to(self.device)
-        for i, (_, _, placement) in enumerate(members):
-            self.net.set_placement(i, placement)
+    def set_members(self, members: Sequence[tuple[object, nn.Module]]) -> None:
+        """Start a pack from scratch with these (tag, model) members; each model's drop sites
+        already hold its placement (autodrop.sites.apply_placement)."""
+        self.slots = [_Slot(tag) for tag, _ in members]
+        if not members:
+            self.net = self.optimizer = None
+            return
+        self.net = PackedNet([model for _, model in members]).to(self.device)
         self.optimizer = PackedAdam(list(self.net.parameters()), len(members), lr=self.config.lr)
 
-    def replace(self, old: object, new: object, model: nn.Module, placement: Mapping[str, float | None]) -> None:
-        """Give the slot of trial ``old`` to trial ``new``, starting from ``model``'s weights."""
-        assert self.net is not None and self.optimizer is not None
-        i = self._index(old)
-        self.net.load_member(i, model)
-        self.net.set_placement(i, placement)
-        self.optimizer.reset_member(i)
-        self.slots[i] = _Slot(new)
-
-    def remove(self, tags: Sequence[object]) -> None:
-        """Drop these trials' slots and repack the others into a smaller model (state kept)."""
-        assert self.net is not None and self.optimizer is not None
-        gone = {self._index(tag) for tag in tags}
-        keep = [i for i in range(len(self.slots)) if i not in gone]
-        if not keep:
-            self.slots, self.net, self.optimizer = [], None, None
+    def update(self, done: Sequence[object], new: Sequence[tuple[object, nn.Module]]) -> None:
+        """Take the ``done`` trials out and the ``new`` (tag, model) members in."""
+        gone = [self._index(tag) for tag in done]
+        pairs = list(zip(gone, new))
+        if self.net is None or len(gone) != len(new):
+            self._repack([i for i in range(len(self.slots)) if i not in gone], list(new))
             return
-        old_net, old_opt = self.net, self.optimizer
-        members = []
+        for i, (tag, model) in pairs:  # same count: new trials take the freed slots in place
+            self.net.load_member(i, model)
+            self.net.copy_sites_from(i, model)
+            self.optimizer.reset_member(i)
+            self.slots[i] = _Slot(tag)
+
+    def _repack(self, keep: list[int], new: list[tuple[object, nn.Module]]) -> None:
+        """Pack the kept members (state and all) and the new ones into a model of the new size."""
+        old_net, old_opt, old_slots = self.net, self.optimizer, self.slots
+        members: list[tuple[object, nn.Module]] = []
         for i in keep:
             model = old_net.unpack(i, self.build())
-            members.append((self.slots[i].tag, model, old_net.placement(i)))
-        slots = [self.slots[i] for i in keep]
-        self.set_members(members)
-        self.slots = slots
-        # Carry each kept member's Adam moments and step over to its new slot.
+            old_net.copy_sites_to(i, model)
+            members.append((old_slots[i].tag, model))
+        self.set_members(members + new)
+        for new_i, old_i in enumerate(keep):
+            self.slots[new_i] = old_slots[old_i]
+        if not keep:
+            return
+        # Carry each kept member's Adam moments and step over to its new slot; the new ones start at 0.
+        k = len(self.slots)
         index = torch.tensor(keep, device=self.device)
         for new_state, old_state in zip((*self.optimizer.exp_avg, *self.optimizer.exp_avg_sq),
                                         (*old_opt.exp_avg, *old_opt.exp_avg_sq)):
-            new_state.view(len(keep), -1).copy_(old_state.view(old_opt.k, -1).index_select(0, index))
+            new_state.view(k, -1)[: len(keep)].copy_(old_state.view(old_opt.k, -1).index_select(0, index))
         old_steps = old_opt.steps
         for new_i, old_i in enumerate(keep):
             self.optimizer.set_step(new_i, old_steps[old_i])
@@ -460,6 +523,9 @@ class PackTrainer:
         """Train every member one epoch on shared batches; return each member's mean training loss."""
         assert self.net is not None and self.optimizer is not None
         net, data, k = self.net, self.data, len(self.slots)
+        for i, slot in enumerate(self.slots):
+            if slot.epoch >= self.dropout_epochs:  # "early dropout": off after the member's first half
+                net.silence(i)
         net.train()
         n_train = len(data.train_labels)
         batch_size = min(self.config.batch_size, n_train)
@@ -488,6 +554,19 @@ class PackTrainer:
             slot.epoch += 1
         return (loss_sums / max(n_batches, 1)).tolist()
 
+    def finish(self, tag: object, last: EpochMetrics) -> tuple[TrialMetrics, nn.Module]:
+        """Return a finished member's figures (the training set re-measured in eval mode) and its
+        network as a separate model, with the member's weights and drop-site settings."""
+        assert self.net is not None
+        i = self._index(tag)
+        model = self.net.unpack(i, self.build()).to(self.device)
+        self.net.copy_sites_to(i, model)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        train_loss, train_accuracy = evaluate(model, self.data.train_images, self.data.train_labels,
+                                              self.normaliser, self.device)
+        return TrialMetrics(last.val_accuracy, last.val_loss, train_accuracy, train_loss, last.epoch), model
+
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> list[tuple[float, float]]:
         """Return each member's (mean loss, accuracy) in eval mode."""
         assert self.net is not None
@@ -515,16 +594,6 @@ class PackTrainer:
             EpochMetrics(slot.epoch, loss, val_loss, val_acc)
             for slot, loss, (val_loss, val_acc) in zip(self.slots, train_losses, val)
         ]
-
-    def final_metrics(self, tags: Sequence[object], last: Mapping[object, EpochMetrics]) -> dict[object, TrialMetrics]:
-        """Return finished members' figures, with the training set re-measured in eval mode."""
-        train = self.evaluate(self.data.train_images, self.data.train_labels)
-        result = {}
-        for tag in tags:
-            i = self._index(tag)
-            m = last[tag]
-            result[tag] = TrialMetrics(m.val_accuracy, m.val_loss, train[i][1], train[i][0], m.epoch)
-        return result
 
 
 def auto_pack_size(device: torch.device, n_trials: int, *, n_workers: int = 1) -> int:

@@ -7,24 +7,31 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
+import signal
 import sys
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import optuna
 import torch
+from torch import nn
 
 from autodrop.artifacts import keep_weights_if_top, prepare_records, save_trial_note
 from autodrop.checkpoint import CHECKPOINT_ATTR, TrialCheckpoint, remove_checkpoint
 from autodrop.config import SearchConfig, config_from_options, config_to_options, validate
 from autodrop.data import ImageData, load_data
-from autodrop.errors import AutodropError, ConfigError, ModelError
+from autodrop.errors import AutodropError, AutodropWarning, ConfigError, ModelError
 from autodrop.locking import StorageLock
 from autodrop.models import ModelShape, build_model, check_model
+from autodrop.packed import PackTrainer, auto_pack_size, packing_problem
 from autodrop.usermodel import is_user_model
 from autodrop.report import BASELINE_ATTR, SearchResult, summarize_study
 from autodrop.sites import apply_placement, site_kinds, site_orders
 from autodrop.space import (
+    Placement,
+    Variants,
     baseline_placements,
     default_variants,
     placement_to_params,
@@ -42,8 +49,22 @@ from autodrop.study import (
     make_sampler,
     open_storage,
 )
-from autodrop.train import EpochMetrics, Normaliser, TrainingDiverged, resolve_device, train_trial
-from autodrop.workers import Interrupted, critical, entering_last_epoch, run_processes, run_trials
+from autodrop.train import EpochMetrics, Normaliser, TrainingDiverged, TrialMetrics, resolve_device, train_trial
+from autodrop.workers import (
+    Heartbeat,
+    Interrupted,
+    StartRule,
+    admit_trials,
+    claim_trial,
+    critical,
+    entering_last_epoch,
+    fail_and_requeue,
+    handle_stop_signals,
+    poll_interval,
+    run_processes,
+    run_trials,
+    tell_trial,
+)
 
 # A run that sees this many trials fail in a row stops: the cause is the settings, not bad luck.
 MAX_CONSECUTIVE_FAILURES = 5
@@ -124,6 +145,7 @@ class PreparedStudy:
     data: ImageData
     sites: dict[str, str]  # site -> kind, in forward order
     choices: dict[str, Any]  # the dropout variants each site may take
+    packing_problem: str | None  # why the model's trials cannot be packed, or None if they can
 
 
 def prepare_study(config: SearchConfig) -> PreparedStudy:
@@ -137,7 +159,9 @@ def prepare_study(config: SearchConfig) -> PreparedStudy:
         _check_device(resolve_device(name))
     data = load_data(config.data)
     shape = ModelShape(data.channels, data.n_classes, data.image_size)
-    sites, orders = _probe_sites(config.model, shape, config.model_args)
+    sites, orders, problem = _probe_sites(config.model, shape, config.model_args)
+    if config.pack is not None and config.pack > 1 and problem is not None:
+        raise ConfigError(f"--pack {config.pack}: this model's trials cannot be packed ({problem}); use --pack 1.")
     # A user's network keeps the flavour of the dropout it was written with, so the dropout kind
     # is searched for the built-in models only.
     kinds = config.kinds if not is_user_model(config.model) else ("element",)
@@ -155,7 +179,7 @@ def prepare_study(config: SearchConfig) -> PreparedStudy:
         )
         _record_data_and_sites(study, data, sites)
         _enqueue_baselines(study, sites, choices, config)
-    return PreparedStudy(study, storage, data, sites, choices)
+    return PreparedStudy(study, storage, data, sites, choices, problem)
 
 
 def _check_device(device: torch.device) -> None:
@@ -172,8 +196,9 @@ def _check_device(device: torch.device) -> None:
 
 def _probe_sites(
     model_name: str, shape: ModelShape, model_args: dict[str, Any]
-) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
-    """Build the model once to list its sites (and their slots) and check that it fits the data."""
+) -> tuple[dict[str, str], dict[str, tuple[str, ...]], str | None]:
+    """Build the model once to list its sites (and their slots), check that it fits the data, and
+    say why its trials could not be packed (None if they can)."""
     model = build_model(model_name, shape, model_args=model_args)
     kinds = site_kinds(model)
     if not kinds:
@@ -191,7 +216,7 @@ def _probe_sites(
             f"model {model_name!r} gives outputs of shape {tuple(out.shape[1:])} per image, but the data has "
             f"{shape.n_classes} classes."
         )
-    return kinds, site_orders(model)
+    return kinds, site_orders(model), packing_problem(model)
 
 
 def _record_data_and_sites(study: optuna.Study, data: ImageData, sites: dict[str, str]) -> None:
@@ -237,48 +262,155 @@ def _run_trials(
     *,
     parent_pid: int | None = None,
 ) -> None:
-    study, storage, data, sites, choices = (
-        prepared.study, prepared.storage, prepared.data, prepared.sites, prepared.choices
-    )
-    data_on_device = data.to(device)
-    normaliser = Normaliser(data.train_images).to(device)
-    weights_store = prepare_records(
-        study, storage_url=config.storage_url, artifact_dir=config.artifact_dir, normaliser=normaliser
-    )
-    shape = ModelShape(data.channels, data.n_classes, data.image_size)
-    site_names = list(sites)
-    epochs = config.train.epochs
-    checkpoint_root = config.checkpoint_root
+    """Run this process's share of the trials on ``device``: packed several at a time where
+    ``--pack`` (or, on a GPU, the automatic choice) asks for it and the model allows, else one by one."""
+    pack = config.pack or auto_pack_size(device, config.trials)
+    if pack > 1 and prepared.packing_problem is not None:
+        # Only the automatic choice gets here (an explicit --pack was checked in prepare_study).
+        warnings.warn(f"trials run one at a time: this model cannot be packed ({prepared.packing_problem})",
+                      AutodropWarning, stacklevel=2)
+        pack = 1
+    run = _TrialRun(prepared, config, device, progress)
+    progress.start(config.trials, count_finished(prepared.study))
+    try:
+        if pack > 1:
+            run.packed(pack, parent_pid=parent_pid)
+        else:
+            run.one_by_one(parent_pid=parent_pid)
+        run.raise_if_failing()
+    finally:
+        progress.close()
 
-    def objective(trial: optuna.Trial) -> float:
-        placement = suggest_placement(trial, site_names, config.rate_range)
-        variants = suggest_variants(trial, placement, choices)
+
+@dataclasses.dataclass
+class _TrialSetup:
+    """One trial as the study asked for it: placement, variants, seed and the model built from them."""
+
+    trial: optuna.Trial
+    placement: Placement
+    variants: Variants
+    seed: int
+    baseline: str | None  # the recipe's name, for a baseline trial
+    model: nn.Module
+
+
+class _TrialRun:
+    """What one process needs to train trials on a device, and the record-keeping every trial shares."""
+
+    def __init__(self, prepared: PreparedStudy, config: SearchConfig, device: torch.device,
+                 progress: Progress) -> None:
+        self.prepared, self.config, self.device, self.progress = prepared, config, device, progress
+        self.study, self.storage = prepared.study, prepared.storage
+        self.data = prepared.data.to(device)
+        self.normaliser = Normaliser(prepared.data.train_images).to(device)
+        self.weights_store = prepare_records(
+            self.study, storage_url=config.storage_url, artifact_dir=config.artifact_dir, normaliser=self.normaliser
+        )
+        self.shape = ModelShape(prepared.data.channels, prepared.data.n_classes, prepared.data.image_size)
+        self.epochs = config.train.epochs
+        self.lock = StorageLock(config.storage_url, f"admit:{config.study_name}")
+        self.consecutive_failures = 0
+
+    # --- what every trial goes through -------------------------------------------------------
+
+    def build(self) -> nn.Module:
+        return build_model(self.config.model, self.shape, model_args=self.config.model_args)
+
+    def set_up(self, trial: optuna.Trial) -> _TrialSetup:
+        placement = suggest_placement(trial, list(self.prepared.sites), self.config.rate_range)
+        variants = suggest_variants(trial, placement, self.prepared.choices)
         # A retried trial inherits its seed from the attempt it replaces.
-        seed = int(trial.user_attrs.get("seed", (config.seed * 1_000_003 + trial.number) % 2**31))
+        seed = int(trial.user_attrs.get("seed", (self.config.seed * 1_000_003 + trial.number) % 2**31))
         trial.set_user_attr("seed", seed)
-        is_baseline = BASELINE_ATTR in trial.user_attrs
-        baseline = trial.user_attrs.get(BASELINE_ATTR)  # the recipe's name, for the trial's note
         torch.manual_seed(seed)
-        model = build_model(config.model, shape, model_args=config.model_args)
+        model = self.build()
         apply_placement(model, placement, variants)
+        return _TrialSetup(trial, placement, variants, seed, trial.user_attrs.get(BASELINE_ATTR), model)
+
+    def record_epoch(self, setup: _TrialSetup, m: EpochMetrics, *, report: bool = True) -> None:
+        """Put epoch ``m`` on record; raise TrialPruned if the pruner stops the trial here."""
+        trial = setup.trial
+        if report:
+            trial.report(m.val_accuracy, m.epoch)
+        trial.set_user_attr("train_loss", m.train_loss)
+        trial.set_user_attr("val_loss", m.val_loss)
+        trial.set_user_attr("epochs_run", m.epoch)
+        self.progress.epoch(trial.number, m.epoch, self.epochs, m.val_accuracy)
+        # Baselines are the yardstick: they always run to the end.
+        if setup.baseline is None and m.epoch < self.epochs and trial.should_prune():
+            trial.set_user_attr("pruned_reason", f"val accuracy {m.val_accuracy:.4f} at epoch {m.epoch}")
+            save_trial_note(trial, setup.placement, baseline=setup.baseline, val_accuracy=m.val_accuracy,
+                            pruned_at=m.epoch, variants=setup.variants)
+            raise optuna.TrialPruned(f"pruned at epoch {m.epoch}")
+
+    def record_divergence(self, setup: _TrialSetup, error: TrainingDiverged) -> None:
+        setup.trial.set_user_attr("fail_reason", str(error))
+        save_trial_note(setup.trial, setup.placement, baseline=setup.baseline, failure=str(error),
+                        variants=setup.variants)
+
+    def record_finish(self, setup: _TrialSetup, metrics: TrialMetrics, model: nn.Module) -> None:
+        trial = setup.trial
+        trial.set_user_attr("train_accuracy", metrics.train_accuracy)
+        trial.set_user_attr("train_loss", metrics.train_loss)
+        trial.set_user_attr("val_loss", metrics.val_loss)
+        trial.set_user_attr("gap", metrics.gap)
+        save_trial_note(trial, setup.placement, baseline=setup.baseline, val_accuracy=metrics.val_accuracy,
+                        train_accuracy=metrics.train_accuracy, variants=setup.variants)
+        keep_weights_if_top(self.study, trial, model, metrics.val_accuracy, store=self.weights_store)
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        # Only an interrupted or dead worker's trial is retried; every other outcome is final.
+        if trial.user_attrs.get(CHECKPOINT_ATTR):
+            remove_checkpoint(trial.user_attrs[CHECKPOINT_ATTR])
+        if trial.state in FINISHED_STATES:
+            self.consecutive_failures = 0
+            try:
+                best = study.best_value
+            except ValueError:
+                best = None
+            self.progress.trial_done(best)
+        elif trial.state == optuna.trial.TrialState.FAIL:
+            self.consecutive_failures += 1
+
+    def keep_going(self) -> bool:
+        return self.consecutive_failures < MAX_CONSECUTIVE_FAILURES
+
+    def raise_if_failing(self) -> None:
+        if self.keep_going():
+            return
+        last = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))[-1]
+        reason = last.user_attrs.get("fail_reason") or "see the study's failed trials"
+        raise ConfigError(
+            f"{MAX_CONSECUTIVE_FAILURES} trials failed in a row ({reason}); finished trials are kept. "
+            "Lower --lr or check the data, then rerun to resume."
+        )
+
+    # --- one trial at a time ------------------------------------------------------------------
+
+    def one_by_one(self, *, parent_pid: int | None) -> None:
+        run_trials(
+            self.study,
+            self.storage,
+            self.objective,
+            n_trials=self.config.trials,
+            lock=self.lock,
+            timeout=self.config.timeout,
+            catch=(TrainingDiverged,),
+            after_trial=self.after_trial,
+            keep_going=self.keep_going,
+            on_wait=self.progress.waiting,
+            parent_pid=parent_pid,
+        )
+
+    def objective(self, trial: optuna.Trial) -> float:
+        setup = self.set_up(trial)
         # A retry of a trial whose worker died resumes after the last epoch that worker finished.
-        checkpoint = TrialCheckpoint.for_trial(trial, checkpoint_root, device)
+        checkpoint = TrialCheckpoint.for_trial(trial, self.config.checkpoint_root, self.device)
 
         def on_epoch(m: EpochMetrics) -> None:
             with critical():  # a stop signal waits until the epoch is on record
-                if m.epoch not in checkpoint.reported_steps:
-                    trial.report(m.val_accuracy, m.epoch)
-                trial.set_user_attr("train_loss", m.train_loss)
-                trial.set_user_attr("val_loss", m.val_loss)
-                trial.set_user_attr("epochs_run", m.epoch)
-                progress.epoch(trial.number, m.epoch, epochs, m.val_accuracy)
-                # Baselines are the yardstick: they always run to the end.
-                if not is_baseline and m.epoch < epochs and trial.should_prune():
-                    trial.set_user_attr("pruned_reason", f"val accuracy {m.val_accuracy:.4f} at epoch {m.epoch}")
-                    save_trial_note(trial, placement, baseline=baseline, val_accuracy=m.val_accuracy,
-                                    pruned_at=m.epoch, variants=variants)
-                    raise optuna.TrialPruned(f"pruned at epoch {m.epoch}")
-                if m.epoch == epochs - 1:
+                self.record_epoch(setup, m, report=m.epoch not in checkpoint.reported_steps)
+                if m.epoch == self.epochs - 1:
                     entering_last_epoch()
 
         def on_checkpoint(state: Any) -> None:
@@ -288,67 +420,136 @@ def _run_trials(
         if checkpoint.resume is not None:
             # The dead worker may have saved this epoch but not reported it, or not asked the pruner.
             on_epoch(checkpoint.resume.metrics)
-        elif epochs == 1:
+        elif self.epochs == 1:
             entering_last_epoch()
         try:
             metrics = train_trial(
-                model, data_on_device, normaliser, config.train, seed=seed, device=device, on_epoch=on_epoch,
-                resume=checkpoint.resume, on_checkpoint=on_checkpoint,
+                setup.model, self.data, self.normaliser, self.config.train, seed=setup.seed, device=self.device,
+                on_epoch=on_epoch, resume=checkpoint.resume, on_checkpoint=on_checkpoint,
             )
         except TrainingDiverged as e:
-            trial.set_user_attr("fail_reason", str(e))
-            save_trial_note(trial, placement, baseline=baseline, failure=str(e), variants=variants)
+            self.record_divergence(setup, e)
             raise
-        trial.set_user_attr("train_accuracy", metrics.train_accuracy)
-        trial.set_user_attr("train_loss", metrics.train_loss)
-        trial.set_user_attr("val_loss", metrics.val_loss)
-        trial.set_user_attr("gap", metrics.gap)
-        save_trial_note(trial, placement, baseline=baseline, val_accuracy=metrics.val_accuracy,
-                        train_accuracy=metrics.train_accuracy, variants=variants)
-        keep_weights_if_top(study, trial, model, metrics.val_accuracy, store=weights_store)
+        self.record_finish(setup, metrics, setup.model)
         return metrics.val_accuracy
 
-    consecutive_failures = 0
+    # --- several trials packed into one network -----------------------------------------------
 
-    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        nonlocal consecutive_failures
-        # Only an interrupted or dead worker's trial is retried; every other outcome is final.
-        if trial.user_attrs.get(CHECKPOINT_ATTR):
-            remove_checkpoint(trial.user_attrs[CHECKPOINT_ATTR])
-        if trial.state in FINISHED_STATES:
-            consecutive_failures = 0
+    def packed(self, pack: int, *, parent_pid: int | None) -> None:
+        """Train up to ``pack`` trials at once (autodrop.packed) until the study has its trials.
+
+        Each member is a normal trial: admitted under the study's lock like any other, reported
+        and pruned on its own at every epoch, and told when it ends; its slot then goes to the next
+        admitted trial. Members keep no checkpoints: a stopped or dead worker's members are
+        re-queued and start again from their first epoch.
+        """
+        config, study, storage = self.config, self.study, self.storage
+        trainer = PackTrainer(self.data, self.normaliser, config.train, device=self.device, seed=config.seed,
+                              build=self.build)
+        members: dict[int, _TrialSetup] = {}  # by trial number, which is each member's tag
+        start_rule = StartRule(config.timeout, self.keep_going, parent_pid)
+        study_id = storage.get_study_id_from_name(study.study_name)
+        poll_s = poll_interval(storage)
+
+        def tell(tag: int, state: optuna.trial.TrialState, value: float | None = None,
+                 error: BaseException | None = None) -> None:
+            setup = members.pop(tag)
+            frozen = tell_trial(study, storage, setup.trial, value, state, error, catch=(TrainingDiverged,))
+            if frozen is not None:
+                self.after_trial(study, frozen)
+
+        with handle_stop_signals() as guard, Heartbeat(
+            storage, lambda: [setup.trial._trial_id for setup in list(members.values())]
+        ):
             try:
-                best = study.best_value
-            except ValueError:
-                best = None
-            progress.trial_done(best)
-        elif trial.state == optuna.trial.TrialState.FAIL:
-            consecutive_failures += 1
+                done: list[int] = []
+                while True:
+                    if guard.requested is not None:
+                        raise Interrupted(guard.requested)
+                    may_start = start_rule()
+                    started: list[optuna.Trial] = []
+                    n_finished = n_running = 0
+                    if may_start:
+                        with guard.critical():
+                            started, n_finished, n_running = admit_trials(
+                                study, storage, study_id, self.lock, config.trials,
+                                limit=pack - (len(trainer) - len(done)),
+                            )
+                            for trial in started:
+                                claim_trial(trial)
+                            for trial in started:
+                                try:
+                                    members[trial.number] = self.set_up(trial)
+                                except Exception as e:  # fail the admitted non-members here, members below
+                                    for other in started:
+                                        if other.number not in members:
+                                            tell_trial(study, storage, other, None, optuna.trial.TrialState.FAIL,
+                                                       e, catch=(Exception,))
+                                    raise
+                    trainer.update(done, [(t.number, members[t.number].model) for t in started])
+                    done = []
+                    if not len(trainer):
+                        if not may_start or n_finished >= config.trials:
+                            return
+                        self.progress.waiting(n_running)  # the trials still needed run elsewhere
+                        guard.wakeup.wait(poll_s)
+                        continue
+                    # A first stop signal lets a pack whose members are all in their last epoch finish.
+                    guard.finishing = all(trainer.epoch_of(tag) == self.epochs - 1 for tag in trainer.tags)
+                    guard.in_trial = True
+                    try:
+                        guard.raise_if_stopping()
+                        epoch_metrics = trainer.epoch_metrics(trainer.train_epoch())
+                    finally:
+                        guard.in_trial = False
+                    for tag, m in zip(trainer.tags, epoch_metrics):
+                        with guard.critical():
+                            if self._member_epoch_ended(trainer, members[tag], m, tell):
+                                done.append(tag)
+            except BaseException as e:
+                # Members not yet told: a stop re-queues them (a rerun or another worker takes them
+                # up); any other error fails them with its reason, as a lone trial would fail.
+                if not members:
+                    raise
+                stop = e if isinstance(e, Interrupted) else (
+                    Interrupted(signal.SIGINT) if isinstance(e, KeyboardInterrupt) else None
+                )
+                with critical(), self.lock.hold():
+                    for tag in list(members):
+                        setup = members.pop(tag)
+                        if stop is not None:
+                            fail_and_requeue(study, storage, setup.trial, f"interrupted by {stop.signal_name}")
+                        else:
+                            tell_trial(study, storage, setup.trial, None, optuna.trial.TrialState.FAIL, e,
+                                       catch=(Exception,))
+                if stop is not None and stop is not e:
+                    raise stop from e
+                raise
 
-    progress.start(config.trials, count_finished(study))
-    try:
-        run_trials(
-            study,
-            storage,
-            objective,
-            n_trials=config.trials,
-            lock=StorageLock(config.storage_url, f"admit:{config.study_name}"),
-            timeout=config.timeout,
-            catch=(TrainingDiverged,),
-            after_trial=after_trial,
-            keep_going=lambda: consecutive_failures < MAX_CONSECUTIVE_FAILURES,
-            on_wait=progress.waiting,
-            parent_pid=parent_pid,
-        )
-        if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
-            last = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))[-1]
-            reason = last.user_attrs.get("fail_reason") or "see the study's failed trials"
-            raise ConfigError(
-                f"{MAX_CONSECUTIVE_FAILURES} trials failed in a row ({reason}); finished trials are kept. "
-                "Lower --lr or check the data, then rerun to resume."
-            )
-    finally:
-        progress.close()
+    def _member_epoch_ended(self, trainer: PackTrainer, setup: _TrialSetup, m: EpochMetrics,
+                            tell: Callable[..., None]) -> bool:
+        """Record a pack member's epoch; tell the study if the member ends here, and say whether it did."""
+        tag = setup.trial.number
+        try:
+            if not math.isfinite(m.train_loss):
+                error = TrainingDiverged(f"training loss became {m.train_loss} in epoch {m.epoch}")
+                self.record_divergence(setup, error)
+                tell(tag, optuna.trial.TrialState.FAIL, error=error)
+                return True
+            try:
+                self.record_epoch(setup, m)
+            except optuna.TrialPruned:
+                tell(tag, optuna.trial.TrialState.PRUNED)
+                return True
+            if m.epoch < self.epochs:
+                return False
+            metrics, model = trainer.finish(tag, m)
+            self.record_finish(setup, metrics, model)
+            tell(tag, optuna.trial.TrialState.COMPLETE, metrics.val_accuracy)
+        except optuna.exceptions.UpdateFinishedTrialError as e:
+            # Another worker took this member for dead and queued its retry: leave the trial to it.
+            tell(tag, optuna.trial.TrialState.FAIL, error=e)
+        return True
 
 
 def _run_worker_processes(study: optuna.Study, config: SearchConfig, progress: Progress) -> None:
@@ -360,9 +561,15 @@ def _run_worker_processes(study: optuna.Study, config: SearchConfig, progress: P
     # Workers training on the CPU share its cores instead of each taking all of them.
     threads = max(1, torch.get_num_threads() // max(n_cpu_workers, 1))
     base = dataclasses.replace(config, storage=config.storage_url, study=config.study_name, workers=1, devices=())
+    resolved = [resolve_device(d) for d in devices]
     args = [
-        (dataclasses.replace(base, train=dataclasses.replace(config.train, device=device)), index, threads, os.getpid())
-        for index, device in enumerate(devices)
+        (dataclasses.replace(
+            base,
+            train=dataclasses.replace(config.train, device=name),
+            # Workers on one GPU share its automatic pack size between them.
+            pack=config.pack or auto_pack_size(device, config.trials, n_workers=resolved.count(device)),
+        ), index, threads, os.getpid())
+        for index, (name, device) in enumerate(zip(devices, resolved))
     ]
     done = count_finished(study)
     progress.start(config.trials, done)

@@ -121,7 +121,7 @@ def entering_last_epoch() -> None:
 
 
 @contextmanager
-def _handle_stop_signals() -> Iterator[_StopGuard]:
+def handle_stop_signals() -> Iterator[_StopGuard]:
     global _ACTIVE
     guard = _StopGuard()
     # Signal handlers can only be set from the main thread; elsewhere (a notebook's worker thread)
@@ -137,17 +137,22 @@ def _handle_stop_signals() -> Iterator[_StopGuard]:
             signal.signal(s, handler)
 
 
-class _Heartbeat:
-    """Records the trial's heartbeat every interval from a thread, while the trial runs."""
+class Heartbeat:
+    """Records the heartbeats of the running trials every interval from a thread.
 
-    def __init__(self, storage: Any, trial_id: int) -> None:
+    ``trial_ids`` is called at each beat, so a pack of trials whose members change between epochs
+    beats for exactly the trials it holds.
+    """
+
+    def __init__(self, storage: Any, trial_ids: Callable[[], Sequence[int]]) -> None:
         self._storage = storage
-        self._trial_id = trial_id
+        self._trial_ids = trial_ids
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"autodrop-heartbeat-{trial_id}", daemon=True)
+        self._thread = threading.Thread(target=self._beat, name="autodrop-heartbeat", daemon=True)
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> "Heartbeat":
         self._thread.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -156,10 +161,40 @@ class _Heartbeat:
     def _beat(self) -> None:
         interval = self._storage.get_heartbeat_interval()
         while not self._stop.wait(interval):
-            try:
-                self._storage.record_heartbeat(self._trial_id)
-            except Exception as e:  # a database hiccup: keep beating, the next one may get through
-                _logger.warning("heartbeat of trial id %s not recorded: %s", self._trial_id, e)
+            for trial_id in list(self._trial_ids()):
+                try:
+                    self._storage.record_heartbeat(trial_id)
+                except Exception as e:  # a database hiccup: keep beating, the next one may get through
+                    _logger.warning("heartbeat of trial id %s not recorded: %s", trial_id, e)
+
+
+class StartRule:
+    """Whether a worker may start another trial: not after ``timeout`` seconds from now, not once
+    ``keep_going`` says no, not once the process that started it (``parent_pid``) is gone."""
+
+    def __init__(self, timeout: float | None, keep_going: Callable[[], bool] | None, parent_pid: int | None) -> None:
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.keep_going = keep_going
+        self.parent_pid = parent_pid
+        self.orphaned = False
+
+    def __call__(self) -> bool:
+        if self.keep_going is not None and not self.keep_going():
+            return False
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return False
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            if not self.orphaned:
+                _logger.warning("the process that started this worker is gone: no new trials")
+            self.orphaned = True
+            return False
+        return True
+
+
+def poll_interval(storage: Any) -> float:
+    """Seconds between looks at the study while the trials still needed run elsewhere."""
+    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+    return 1.0 if interval is None else max(0.2, min(2.0, interval / 2))
 
 
 def run_trials(
@@ -183,35 +218,20 @@ def run_trials(
     trials still needed are all running elsewhere it waits, calling ``on_wait(n_running)``: one of
     them may yet fail and be retried here. Raises Interrupted on SIGINT or SIGTERM.
     """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
-    poll_s = 1.0 if interval is None else max(0.2, min(2.0, interval / 2))
+    may_start = StartRule(timeout, keep_going, parent_pid)
+    poll_s = poll_interval(storage)
     study_id = storage.get_study_id_from_name(study.study_name)
-    with _handle_stop_signals() as guard:
+    with handle_stop_signals() as guard:
         while True:
             if guard.requested is not None:
                 raise Interrupted(guard.requested)
-            if keep_going is not None and not keep_going():
+            if not may_start():
                 return
-            if deadline is not None and time.monotonic() >= deadline:
+            with guard.critical():
+                admitted, n_finished, n_running = admit_trials(study, storage, study_id, lock, n_trials, limit=1)
+            if n_finished >= n_trials:
                 return
-            if parent_pid is not None and os.getppid() != parent_pid:
-                _logger.warning("the process that started this worker is gone: no new trials")
-                return
-            with guard.critical(), lock.hold():
-                _fail_dead_trials(study, storage, study_id, lock)
-                n_finished, n_running = _count_trials(study)
-                if n_finished >= n_trials:
-                    return
-                trial = None
-                if n_finished + n_running < n_trials:
-                    with warnings.catch_warnings():
-                        # Optuna assumes heartbeats come from Study.optimize; this loop beats itself.
-                        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
-                        trial = study.ask()
-                    # Beat once while holding the lock: a RUNNING trial without any heartbeat
-                    # can then only be one whose worker died right here (see _fail_dead_trials).
-                    storage.record_heartbeat(trial._trial_id)
+            trial = admitted[0] if admitted else None
             if trial is None:
                 if on_wait is not None:
                     on_wait(n_running)
@@ -234,11 +254,8 @@ def _run_one(
     """Run one admitted trial and tell its outcome; returns the finished trial, or None if interrupted."""
     value: float | None = None
     error: BaseException | None = None
-    if trial.user_attrs.get(FAIL_REASON_ATTR) is not None:
-        # A retry inherits its predecessor's attributes; why that one failed is recorded there.
-        trial.set_user_attr(FAIL_REASON_ATTR, None)
-    trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
-    with _Heartbeat(storage, trial._trial_id):
+    claim_trial(trial)
+    with Heartbeat(storage, lambda: [trial._trial_id]):
         guard.finishing = False
         try:
             guard.in_trial = True
@@ -260,26 +277,74 @@ def _run_one(
                 _logger.warning("trial %d failed: %s", trial.number, e)
     if isinstance(error, Interrupted):
         with guard.critical(), lock.hold():
-            _fail_and_requeue(study, storage, trial, f"interrupted by {error.signal_name}")
+            fail_and_requeue(study, storage, trial, f"interrupted by {error.signal_name}")
         raise error
     with guard.critical():
-        if storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
-            # Another worker took this one for dead (its heartbeats came too late) and queued a
-            # retry, which now owns the trial's parameters and checkpoint. Writing to the trial
-            # since then raised UpdateFinishedTrialError: not this worker's fault, so go on.
-            _logger.warning("trial %d was given up for stale while it ran; its retry replaces it", trial.number)
-            if error is not None and not isinstance(error, (optuna.exceptions.UpdateFinishedTrialError, *catch)):
-                raise error
-            return None
-        if state == TrialState.FAIL and error is not None and trial.user_attrs.get(FAIL_REASON_ATTR) is None:
-            trial.set_user_attr(FAIL_REASON_ATTR, f"{type(error).__name__}: {error}")
-        frozen = study.tell(trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
+        frozen = tell_trial(study, storage, trial, value, state, error, catch)
+    if frozen is None:  # given up for stale while it ran: its retry replaces it (tell_trial raised otherwise)
+        return None
     if error is not None and not isinstance(error, catch):
         raise error
     return frozen
 
 
-def _fail_and_requeue(study: optuna.Study, storage: Any, trial: optuna.Trial, reason: str) -> None:
+def claim_trial(trial: optuna.Trial) -> None:
+    """Mark ``trial`` as this worker's before it trains."""
+    if trial.user_attrs.get(FAIL_REASON_ATTR) is not None:
+        # A retry inherits its predecessor's attributes; why that one failed is recorded there.
+        trial.set_user_attr(FAIL_REASON_ATTR, None)
+    trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
+
+
+def tell_trial(
+    study: optuna.Study,
+    storage: Any,
+    trial: optuna.Trial,
+    value: float | None,
+    state: TrialState,
+    error: BaseException | None = None,
+    catch: tuple[type[Exception], ...] = (),
+) -> FrozenTrial | None:
+    """Tell the study how ``trial`` ended; returns the finished trial, or None if it was no longer
+    this worker's (taken for dead while it ran, and replaced by a retry)."""
+    if storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+        # Another worker took this one for dead (its heartbeats came too late) and queued a
+        # retry, which now owns the trial's parameters and checkpoint. Writing to the trial
+        # since then raised UpdateFinishedTrialError: not this worker's fault, so go on.
+        _logger.warning("trial %d was given up for stale while it ran; its retry replaces it", trial.number)
+        if error is not None and not isinstance(error, (optuna.exceptions.UpdateFinishedTrialError, *catch)):
+            raise error
+        return None
+    if state == TrialState.FAIL and error is not None and trial.user_attrs.get(FAIL_REASON_ATTR) is None:
+        trial.set_user_attr(FAIL_REASON_ATTR, f"{type(error).__name__}: {error}")
+    return study.tell(trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
+
+
+def admit_trials(
+    study: optuna.Study, storage: Any, study_id: int, lock: StorageLock, n_trials: int, *, limit: int
+) -> tuple[list[optuna.Trial], int, int]:
+    """Start up to ``limit`` trials while finished + running ones fall short of ``n_trials``.
+
+    Runs under the study's lock, after failing (and re-queueing) the trials of dead workers.
+    Returns the started trials and the finished and running counts before they started.
+    """
+    with lock.hold():
+        _fail_dead_trials(study, storage, study_id, lock)
+        n_finished, n_running = _count_trials(study)
+        started: list[optuna.Trial] = []
+        while len(started) < limit and n_finished + n_running + len(started) < n_trials:
+            with warnings.catch_warnings():
+                # Optuna assumes heartbeats come from Study.optimize; this loop beats itself.
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+                trial = study.ask()
+            # Beat once while holding the lock: a RUNNING trial without any heartbeat
+            # can then only be one whose worker died right here (see _fail_dead_trials).
+            storage.record_heartbeat(trial._trial_id)
+            started.append(trial)
+    return started, n_finished, n_running
+
+
+def fail_and_requeue(study: optuna.Study, storage: Any, trial: optuna.Trial, reason: str) -> None:
     """Fail ``trial`` with ``reason`` and queue a retry with its parameters, as for a dead worker."""
     if storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
         return  # another worker took this one for dead already, and queued its retry

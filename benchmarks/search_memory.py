@@ -57,7 +57,7 @@ def _child(dataset: str, images: int, epochs: int, trials: tuple[int, int], pack
         return data
 
     search_module.load_data = load
-    options = dict(data="digits", image_size=32, epochs=epochs, pruner="none", storage=storage)
+    options = dict(data="digits", image_size=32, epochs=epochs, pruner="none", storage=storage, pack=pack)
     search_module.search(trials=trials[0], **options)
     peaks[f"after {trials[0]} trials"] = _peak_mib()
     search_module.search(trials=trials[1], **options)
@@ -70,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=50_000, help="images in the synthetic set")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--pack", type=int, default=1, help=argparse.SUPPRESS)  # packing is not wired into search yet
+    parser.add_argument("--pack", type=int, default=1, help="trials packed into one network (search's --pack)")
     parser.add_argument("--datasets", default="digits,synthetic")
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -79,7 +79,7 @@ def main() -> None:
         storage = f"sqlite:///{os.environ['AUTODROP_BENCH_DB']}"
         _child(dataset, int(images), int(epochs), (int(first), int(second)), int(pack), storage)
         return
-    print(f"peak RSS of a search (fresh process per dataset; epochs={args.epochs})")
+    print(f"peak RSS of a search (fresh process per dataset; epochs={args.epochs}, pack={args.pack})")
     for dataset in args.datasets.split(","):
         trials = (2, 6) if dataset == "digits" else (1, 2)
         with tempfile.TemporaryDirectory(prefix="autodrop-mem-") as tmp:

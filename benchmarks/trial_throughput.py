@@ -250,7 +250,7 @@ def _packed(data: ImageData, normaliser: Normaliser, shape: ModelShape, device: 
     members = []
     for k in range(pack):
         rates = {site: RATE * (1 + k % 3) for site in site_kinds(build_model(MODEL, shape))}
-        members.append((k, _autodrop_model(shape, seed=k, rates=rates), rates))
+        members.append((k, _autodrop_model(shape, seed=k, rates=rates)))
     trainer = PackTrainer(data, normaliser, TrainConfig(epochs=epochs, batch_size=BATCH_SIZE, lr=LR), device=device,
                           seed=0, build=lambda: build_model(MODEL, shape))
     _sync(device)

@@ -32,5 +32,6 @@ def test_trial_throughput_runs_and_ends_with_the_speedup_line() -> None:
 
 @pytest.mark.slow
 def test_search_memory_reports_peaks() -> None:
-    lines = _run("benchmarks/search_memory.py", "--images", "400", "--datasets", "synthetic")
+    lines = _run("benchmarks/search_memory.py", "--images", "400", "--datasets", "synthetic", "--pack", "2")
+    assert "pack=2" in lines[0]
     assert lines[-1].startswith("synthetic (400 images):") and "resumed" in lines[-1]

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
 
-import optuna
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from autodrop.config import DataConfig, SearchConfig, TrainConfig
+from autodrop.config import DataConfig, TrainConfig
 from autodrop.data import load_data
-from autodrop.errors import ConfigError
 from autodrop.models import ModelShape, build_model
-from autodrop.report import BASELINE_ATTR
-from autodrop.packed import PackedAdam, PackedNet, PackTrainer, auto_pack_size, packing_problem
-from autodrop.sites import DropSite, apply_placement
+from autodrop.packed import PackedAdam, PackedNet, PackTrainer, packing_problem
+from autodrop.sites import DropSite, apply_placement, iter_sites
 from autodrop.train import Normaliser
 
 
@@ -160,12 +157,17 @@ def _trainer(k: int) -> tuple[PackTrainer, list[nn.Module]]:
     return trainer, models
 
 
+def _placed(model: nn.Module, rates: dict, variants: dict | None = None) -> nn.Module:
+    apply_placement(model, rates, variants)
+    return model
+
+
 def test_replaced_slot_starts_fresh_and_repack_keeps_the_others() -> None:
-    trainer, models = _trainer(4)
-    trainer.set_members([(f"t{i}", m, {"fc1": 0.1 * i or None}) for i, m in enumerate(models[:3])])
+    trainer, models = _trainer(5)
+    trainer.set_members([(f"t{i}", _placed(m, {"fc1": 0.1 * i or None})) for i, m in enumerate(models[:3])])
     losses = trainer.train_epoch()
     assert len(losses) == 3 and all(loss > 0 for loss in losses)
-    trainer.replace("t1", "t3", models[3], {"conv2": 0.4})
+    trainer.update(["t1"], [("t3", _placed(models[3], {"conv2": 0.4}))])  # same count: in place
     assert trainer.optimizer.steps[1] == 0 and trainer.optimizer.steps[0] > 0
     assert trainer.epoch_of("t3") == 0 and trainer.epoch_of("t0") == 1
     fresh = trainer.net.member_state_dict(1)
@@ -175,7 +177,7 @@ def test_replaced_slot_starts_fresh_and_repack_keeps_the_others() -> None:
     before = trainer.net.member_state_dict(2)
     steps_before = trainer.optimizer.steps[2]
     moments_before = [m.view(3, -1)[2].clone() for m in trainer.optimizer.exp_avg]
-    trainer.remove(["t0"])
+    trainer.update(["t0"], [])  # shrinks: a repack that keeps the others' state
     assert len(trainer) == 2 and trainer.tags == ["t3", "t2"] and trainer.net.k == 2
     after = trainer.net.member_state_dict(1)
     for key, value in before.items():
@@ -186,8 +188,86 @@ def test_replaced_slot_starts_fresh_and_repack_keeps_the_others() -> None:
         torch.testing.assert_close(new.view(2, -1)[1], old)
     assert trainer.net.placement(1)["fc1"] == pytest.approx(0.2)
     assert trainer.net.placement(0)["conv2"] == pytest.approx(0.4)
+    trainer.update([], [("t4", _placed(models[4], {"fc2": 0.3}))])  # grows: the newcomer starts fresh
+    assert trainer.tags == ["t3", "t2", "t4"] and trainer.optimizer.steps == [0, steps_before, 0]
+    assert trainer.net.placement(2)["fc2"] == pytest.approx(0.3)
+    for key, value in before.items():
+        if "num_batches_tracked" not in key:
+            torch.testing.assert_close(trainer.net.member_state_dict(1)[key], value)
     metrics = trainer.epoch_metrics(trainer.train_epoch())
-    assert [m.epoch for m in metrics] == [1, 2]
+    assert [m.epoch for m in metrics] == [1, 2, 1]
+
+
+def test_members_keep_their_own_slot_and_dropout_kind() -> None:
+    shape = ModelShape(1, 4, 16)
+    members = _members("simple-cnn", shape, 3)
+    _placed(members[0], {"conv1": 0.5}, {"conv1": {"kind": "channel"}})
+    _placed(members[1], {"conv1": 0.5}, {"conv1": {"kind": "element", "order": "before-bn"}})
+    _placed(members[2], {"conv1": 0.5})
+    packed = PackedNet(members).train()
+    layers = dict(zip([n for n, _ in members[0].named_children()], packed.layers))
+    seen = {}
+    for name in ("drop_conv1_before_bn", "drop_conv1"):
+        layers[name].register_forward_hook(lambda module, inputs, output, name=name: seen.__setitem__(name, output))
+    x = torch.rand(64, 1, 16, 16) + 0.1
+    torch.manual_seed(0)
+    packed(x)
+    after_act = seen["drop_conv1"].reshape(64, 3, 32, -1)
+    before_bn = seen["drop_conv1_before_bn"].reshape(64, 3, 32, -1)
+    for member in (0, 2):
+        packed.set_placement(member, {})
+    packed(x)  # the same maps without dropout: some are dark already (ReLU)
+    live = ~(seen["drop_conv1"].reshape(64, 3, 32, -1) == 0).all(dim=-1)
+    dark = (after_act == 0).all(dim=-1)
+    # Member 0 drops whole maps: about half of the live maps go wholly dark.
+    assert 0.4 < dark[:, 0][live[:, 0]].float().mean() < 0.6
+    # Member 2 drops single pixels after the activation: hardly any live map goes wholly dark.
+    assert dark[:, 2][live[:, 2]].float().mean() < 0.02
+    # Member 1 drops in the slot before batch norm (inputs there are conv outputs, rarely exactly 0).
+    assert 0.45 < (before_bn[:, 1] == 0).float().mean() < 0.55
+    assert (before_bn[:, [0, 2]] == 0).float().mean() < 0.01
+    assert packed.placement(1) == {"conv1": 0.5, "conv2": None, "conv3": None, "fc1": None, "fc2": None}
+    packed.copy_sites_from(0, members[0])
+    restored = build_model("simple-cnn", shape)
+    packed.copy_sites_to(0, restored)
+    assert [(s.site_name, s.slot, s.p, s.dropout_kind) for s in iter_sites(restored) if s.p] == [
+        ("conv1", "after-act", 0.5, "channel")
+    ]
+
+
+def test_early_schedule_switches_each_member_off_after_its_own_half() -> None:
+    data = load_data(DataConfig(source="digits", image_size=16, train_per_class=5))
+    shape = ModelShape(data.channels, data.n_classes, data.image_size)
+    trainer = PackTrainer(data, Normaliser(data.train_images), TrainConfig(epochs=4, batch_size=32, schedule="early"),
+                          device=torch.device("cpu"), seed=0, build=lambda: build_model("simple-cnn", shape))
+    models = [_placed(build_model("simple-cnn", shape), {"fc1": 0.5}) for _ in range(2)]
+    trainer.set_members([("a", models[0])])
+    trainer.train_epoch()
+    trainer.update([], [("b", models[1])])
+    trainer.train_epoch()  # a: epoch 2 of 4, still with dropout
+    assert trainer.net.placement(0)["fc1"] == pytest.approx(0.5)
+    trainer.train_epoch()  # a: epoch 3, past its half; b: epoch 2
+    assert trainer.net.placement(0)["fc1"] is None and trainer.net.placement(1)["fc1"] == pytest.approx(0.5)
+
+
+def test_a_diverging_member_leaves_the_others_finite() -> None:
+    trainer, models = _trainer(3)
+    with torch.no_grad():
+        models[1].fc2.weight.fill_(float("nan"))
+    trainer.set_members([(i, m) for i, m in enumerate(models)])
+    losses = trainer.train_epoch()
+    assert math.isnan(losses[1]) and math.isfinite(losses[0]) and math.isfinite(losses[2])
+
+
+def test_finish_returns_the_member_as_its_own_model() -> None:
+    trainer, models = _trainer(2)
+    trainer.set_members([("a", _placed(models[0], {"fc1": 0.3})), ("b", models[1])])
+    last = trainer.epoch_metrics(trainer.train_epoch())
+    metrics, model = trainer.finish("b", last[1])
+    for key, value in trainer.net.member_state_dict(1).items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+    assert metrics.val_accuracy == last[1].val_accuracy and 0.0 <= metrics.train_accuracy <= 1.0
+    assert all(site.p is None for site in iter_sites(model))
 
 
 @pytest.mark.slow

@@ -151,3 +151,42 @@ def test_many_workers_racing_to_start_on_a_new_study_all_succeed(postgres_url: s
     assert all(t.state in FINISHED_STATES for t in trials)
     # The baselines were queued once, whoever got there first.
     assert sorted(t.user_attrs["baseline"] for t in trials) == ["everywhere-low", "head", "none"]
+
+
+def test_killed_packed_workers_members_are_retried_by_another_worker(postgres_url: str, tiny_images: Path,
+                                                                     tmp_path: Path) -> None:
+    n_trials, epochs = 8, 4
+    args = search_args(tiny_images, postgres_url, trials=n_trials, epochs=epochs, extra=("--pack", "2"))
+    workers = [start(args, tmp_path / f"worker{i}.log") for i in range(2)]
+    try:
+        def victims() -> list[optuna.trial.FrozenTrial]:
+            running = [t for t in _trials(postgres_url)
+                       if t.state == TrialState.RUNNING and 1 <= t.user_attrs.get("epochs_run", 0) < epochs - 1]
+            by_worker: dict[str, list] = {}
+            for t in running:
+                by_worker.setdefault(t.user_attrs[WORKER_ATTR], []).append(t)
+            return next((pack for pack in by_worker.values() if len(pack) == 2), [])
+
+        killed = wait_for(victims, timeout=240, what="a pack of two in the middle of its epochs", step=0.05)
+        pid = int(killed[0].user_attrs[WORKER_ATTR].rsplit(":", 1)[1])
+        by_pid = {w.pid: w for w in workers}
+        by_pid[pid].send_signal(signal.SIGKILL)
+        finished_before_kill = {t.number for t in _trials(postgres_url) if t.state in FINISHED_STATES}
+        survivor = next(w for w in workers if w.pid != pid)
+        assert survivor.wait(timeout=400) == 0, (tmp_path / "worker0.log").read_text()[-2000:]
+    finally:
+        stop_all(workers)
+    trials = _trials(postgres_url)
+    finished = {t.number for t in trials if t.state in FINISHED_STATES}
+    assert len(finished) == n_trials, _summary(trials)
+    assert finished_before_kill <= finished
+    assert not [t for t in trials if t.state == TrialState.RUNNING], _summary(trials)
+    for member in killed:
+        assert {t.number: t for t in trials}[member.number].state == TrialState.FAIL
+        retry = next(t for t in trials if t.system_attrs.get("failed_trial") == member.number)
+        assert retry.state in FINISHED_STATES and retry.params == member.params
+        assert retry.user_attrs[WORKER_ATTR] != member.user_attrs[WORKER_ATTR]
+        if retry.state == TrialState.COMPLETE:  # packed members start again from their first epoch
+            assert sorted(retry.intermediate_values) == list(range(1, epochs + 1))
+    print(f"\npacked kill test (PostgreSQL): trials {[t.number for t in killed]} killed together, both retried "
+          f"by the other worker; {len(finished)} finished, 0 lost")

@@ -167,3 +167,35 @@ def test_sigterm_stops_local_workers_cleanly_and_a_rerun_finishes(tiny_images: P
     assert len(_finished(trials)) == n_trials
     assert finished_before <= _finished(trials)
     assert len({t.user_attrs["worker"] for t in trials if t.state in FINISHED_STATES}) >= 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_requeues_every_member_of_a_pack_and_a_rerun_finishes(tiny_images: Path, tmp_path: Path) -> None:
+    n_trials, epochs = 5, 5
+    url = f"sqlite:///{tmp_path / 'pack.db'}"
+    args = search_args(tiny_images, url, trials=n_trials, epochs=epochs, extra=("--pack", "3"))
+    log = tmp_path / "run.log"
+    process = start(args, log)
+    try:
+        wait_for(lambda: sum(t.state == TrialState.RUNNING and t.user_attrs.get("epochs_run", 0) >= 1
+                             for t in _trials(url)) == 3, timeout=240, what="a pack of three training", step=0.05)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130, log.read_text()[-3000:]
+    finally:
+        stop_all([process])
+    trials = _trials(url)
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(stopped) == 3 and not [t for t in trials if t.state == TrialState.RUNNING]
+    assert all(t.user_attrs[FAIL_REASON_ATTR] == "interrupted by SIGINT" for t in stopped)
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") in {s.number for s in stopped}]
+    assert len(retries) == 3 and all(t.state == TrialState.WAITING for t in retries)
+
+    rerun = start(args, log)
+    try:
+        assert rerun.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        stop_all([rerun])
+    trials = _trials(url)
+    assert len(_finished(trials)) == n_trials
+    assert all(trials[t.number].state in FINISHED_STATES for t in retries)
+    assert all(sorted(trials[t.number].intermediate_values) == list(range(1, epochs + 1)) for t in retries)
