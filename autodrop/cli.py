@@ -142,8 +142,8 @@ def search(ctx: click.Context, spec: str | None, quiet: bool, model_arg: tuple[s
         raise UserInputError(str(e)) from e
     except KeyboardInterrupt as e:
         click.echo(
-            "\nInterrupted: finished trials are kept in the study, and the running one is queued to resume from "
-            "its last finished epoch; run the same command again to resume.",
+            "\nInterrupted: finished trials are kept in the study, and running ones are queued again (a lone trial "
+            "resumes from its last finished epoch, packed ones start over); run the same command again to resume.",
             err=True,
         )
         # 130 for Ctrl-C, 143 for SIGTERM: the shell's convention for a process a signal ended.

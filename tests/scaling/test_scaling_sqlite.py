@@ -199,3 +199,23 @@ def test_ctrl_c_requeues_every_member_of_a_pack_and_a_rerun_finishes(tiny_images
     assert len(_finished(trials)) == n_trials
     assert all(trials[t.number].state in FINISHED_STATES for t in retries)
     assert all(sorted(trials[t.number].intermediate_values) == list(range(1, epochs + 1)) for t in retries)
+
+
+@pytest.mark.slow
+def test_workers_each_train_a_pack_and_share_exactly_n_trials(tiny_images: Path, tmp_path: Path) -> None:
+    n_trials, epochs = 8, 2
+    url = f"sqlite:///{tmp_path / 'wp.db'}"
+    log = tmp_path / "run.log"
+    process = start(search_args(tiny_images, url, trials=n_trials, epochs=epochs,
+                                extra=("--workers", "2", "--pack", "2")), log)
+    try:
+        # Both workers hold a pack of two at once.
+        wait_for(lambda: len({t.user_attrs.get("worker") for t in _trials(url) if t.state == TrialState.RUNNING}) == 2
+                 and sum(t.state == TrialState.RUNNING for t in _trials(url)) == 4,
+                 timeout=240, what="two workers with two members each", step=0.05)
+        assert process.wait(timeout=400) == 0, log.read_text()[-3000:]
+    finally:
+        stop_all([process])
+    trials = _trials(url)
+    assert len(trials) == n_trials and len(_finished(trials)) == n_trials
+    assert len({t.user_attrs["worker"] for t in trials}) == 2
