@@ -45,6 +45,15 @@ def start(args: list[str], log: Path, **env: str) -> subprocess.Popen:
     return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=autodrop_env(**env), cwd=log.parent)
 
 
+def run_to_end(args: list[str], log: Path, *, timeout: float = 400) -> None:
+    """Run ``args`` (output to ``log``) and fail the test unless it ends with exit code 0 in time."""
+    process = start(args, log)
+    try:
+        assert process.wait(timeout=timeout) == 0, log.read_text()[-3000:]
+    finally:
+        stop_all([process])
+
+
 def wait_for(condition: Callable[[], object], *, timeout: float, what: str, step: float = 0.1) -> object:
     """Return ``condition()``'s first true value, polling; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -17,7 +17,7 @@ from autodrop.cli import main
 from autodrop.study import FINISHED_STATES
 from autodrop.workers import FAIL_REASON_ATTR
 
-from .scaling_helpers import search_args, start, stop_all, wait_for
+from .scaling_helpers import run_to_end, search_args, start, stop_all, wait_for
 
 
 def _trials(url: str, name: str = "scale") -> list[optuna.trial.FrozenTrial]:
@@ -123,11 +123,7 @@ def test_ctrl_c_fails_the_running_trial_and_the_same_command_resumes_it(tiny_ima
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == stopped.number)
     assert retry.state == TrialState.WAITING
 
-    rerun = start(args, log)
-    try:
-        assert rerun.wait(timeout=300) == 0, log.read_text()[-3000:]
-    finally:
-        stop_all([rerun])
+    run_to_end(args, log, timeout=300)
     trials = _trials(url)
     retry = trials[retry.number]
     assert retry.state in FINISHED_STATES
@@ -158,11 +154,7 @@ def test_sigterm_stops_local_workers_cleanly_and_a_rerun_finishes(tiny_images: P
             assert t.user_attrs[FAIL_REASON_ATTR] == "interrupted by SIGTERM"
     finished_before = _finished(trials)
 
-    rerun = start(args, log)
-    try:
-        assert rerun.wait(timeout=400) == 0, log.read_text()[-3000:]
-    finally:
-        stop_all([rerun])
+    run_to_end(args, log, timeout=400)
     trials = _trials(url)
     assert len(_finished(trials)) == n_trials
     assert finished_before <= _finished(trials)
@@ -190,11 +182,7 @@ def test_ctrl_c_requeues_every_member_of_a_pack_and_a_rerun_finishes(tiny_images
     retries = [t for t in trials if t.system_attrs.get("failed_trial") in {s.number for s in stopped}]
     assert len(retries) == 3 and all(t.state == TrialState.WAITING for t in retries)
 
-    rerun = start(args, log)
-    try:
-        assert rerun.wait(timeout=300) == 0, log.read_text()[-3000:]
-    finally:
-        stop_all([rerun])
+    run_to_end(args, log, timeout=300)
     trials = _trials(url)
     assert len(_finished(trials)) == n_trials
     assert all(trials[t.number].state in FINISHED_STATES for t in retries)
