@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from autodrop import masks
 from autodrop.config import TrainConfig
 from autodrop.data import ImageData
-from autodrop.sites import DEFAULT_ORDER, DropSite, iter_sites
+from autodrop.sites import DropSite, iter_sites
 from autodrop.train import (
     EpochMetrics,
     Normaliser,
@@ -309,25 +309,6 @@ class PackedNet(nn.Module):
     def site_names(self) -> list[str]:
         return list(dict.fromkeys(site.site_name for site in self._site_layers))
 
-    def set_placement(
-        self,
-        member: int,
-        rates: Mapping[str, float | None],
-        variants: Mapping[str, Mapping[str, str]] | None = None,
-    ) -> None:
-        """Give member ``member`` the rates of ``rates`` (a missing or None site is off), in the
-        kind and slot ``variants`` names (default: element-wise, after the activation), as
-        :func:`autodrop.sites.apply_placement` does for one model."""
-        variants = variants or {}
-        unknown = sorted((set(rates) | set(variants)) - set(self.site_names))
-        if unknown:
-            raise ValueError(f"placement names unknown sites {unknown}; the sites are {self.site_names}.")
-        for site in self._site_layers:
-            variant = variants.get(site.site_name, {})
-            active = site.slot == variant.get("order", DEFAULT_ORDER)
-            site.set_member(member, rates.get(site.site_name) if active else None,
-                            whole_maps=variant.get("kind") == "channel")
-
     def copy_sites_from(self, member: int, model: nn.Module) -> None:
         """Give member ``member`` the rates and kinds that ``model``'s drop sites are set to."""
         for packed, site in zip(self._site_layers, iter_sites(model), strict=True):
@@ -486,15 +467,14 @@ class PackTrainer:
     def update(self, done: Sequence[object], new: Sequence[tuple[object, nn.Module]]) -> None:
         """Take the ``done`` trials out and the ``new`` (tag, model) members in."""
         gone = [self._index(tag) for tag in done]
-        pairs = list(zip(gone, new))
-        if self.net is None or len(gone) != len(new):
-            self._repack([i for i in range(len(self.slots)) if i not in gone], list(new))
+        if self.net is not None and len(gone) == len(new):  # new trials take the freed slots in place
+            for i, (tag, model) in zip(gone, new):
+                self.net.load_member(i, model)
+                self.net.copy_sites_from(i, model)
+                self.optimizer.reset_member(i)
+                self.slots[i] = _Slot(tag)
             return
-        for i, (tag, model) in pairs:  # same count: new trials take the freed slots in place
-            self.net.load_member(i, model)
-            self.net.copy_sites_from(i, model)
-            self.optimizer.reset_member(i)
-            self.slots[i] = _Slot(tag)
+        self._repack([i for i in range(len(self.slots)) if i not in gone], list(new))
 
     def _repack(self, keep: list[int], new: list[tuple[object, nn.Module]]) -> None:
         """Pack the kept members (state and all) and the new ones into a model of the new size."""
