@@ -440,19 +440,9 @@ def _fx_kind(node: Any, modules: Mapping[str, nn.Module]) -> str | None:
     """Return what a node does, in the terms site discovery needs, or None."""
     if node.op == "call_module":
         module = modules.get(node.target)
-        if isinstance(module, _ACTIVATIONS):
-            return "act"
-        if isinstance(module, _POOLS):
-            return "pool"
-        if isinstance(module, _NORMS):
-            return "norm"
-        if type(module) in _DROPOUTS:
-            return "dropout"
-        if isinstance(module, nn.Linear):
-            return "linear"
         if isinstance(module, nn.Flatten):
             return "reshape"
-        return None
+        return _module_kind(module)
     if node.op == "call_function":
         if getattr(node.target, "__module__", None) == "_operator":
             return None
