@@ -132,7 +132,7 @@ def run_search(config: SearchConfig, *, progress: Progress) -> SearchResult:
         if config.workers == 1:
             _run_trials(prepared, config, resolve_device(config.worker_devices()[0]), progress)
         else:
-            _run_worker_processes(prepared.study, config, progress)
+            _run_worker_processes(prepared, config, progress)
     return summarize_study(prepared.study, config.storage_url)
 
 
@@ -267,8 +267,7 @@ def _run_trials(
     pack = config.pack or auto_pack_size(device, config.trials)
     if pack > 1 and prepared.packing_problem is not None:
         # Only the automatic choice gets here (an explicit --pack was checked in prepare_study).
-        warnings.warn(f"trials run one at a time: this model cannot be packed ({prepared.packing_problem})",
-                      AutodropWarning, stacklevel=2)
+        _warn_not_packed(prepared.packing_problem)
         pack = 1
     run = _TrialRun(prepared, config, device, progress)
     progress.start(config.trials, count_finished(prepared.study))
@@ -292,6 +291,7 @@ class _TrialSetup:
     seed: int
     baseline: str | None  # the recipe's name, for a baseline trial
     model: nn.Module
+    reported_steps: frozenset[int] = frozenset()  # steps a retry inherited, not reported again
 
 
 class _TrialRun:
@@ -310,6 +310,7 @@ class _TrialRun:
         self.epochs = config.train.epochs
         self.lock = StorageLock(config.storage_url, f"admit:{config.study_name}")
         self.consecutive_failures = 0
+        self.gave_up = False  # once set, stays: members still training may finish, none start
 
     # --- what every trial goes through -------------------------------------------------------
 
@@ -373,7 +374,8 @@ class _TrialRun:
             self.consecutive_failures += 1
 
     def keep_going(self) -> bool:
-        return self.consecutive_failures < MAX_CONSECUTIVE_FAILURES
+        self.gave_up = self.gave_up or self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES
+        return not self.gave_up
 
     def raise_if_failing(self) -> None:
         if self.keep_going():
@@ -453,7 +455,9 @@ class _TrialRun:
 
         def tell(tag: int, state: optuna.trial.TrialState, value: float | None = None,
                  error: BaseException | None = None) -> None:
-            setup = members.pop(tag)
+            setup = members.pop(tag, None)
+            if setup is None:  # told already
+                return
             frozen = tell_trial(study, storage, setup.trial, value, state, error, catch=(TrainingDiverged,))
             if frozen is not None:
                 self.after_trial(study, frozen)
@@ -476,15 +480,24 @@ class _TrialRun:
                                 limit=pack - (len(trainer) - len(done)),
                             )
                             for trial in started:
-                                claim_trial(trial)
+                                claim_trial(trial, packed=True)
                             for trial in started:
                                 try:
-                                    members[trial.number] = self.set_up(trial)
-                                except Exception as e:  # fail the admitted non-members here, members below
-                                    for other in started:
-                                        if other.number not in members:
-                                            tell_trial(study, storage, other, None, optuna.trial.TrialState.FAIL,
-                                                       e, catch=(Exception,))
+                                    setup = self.set_up(trial)
+                                    # A lone trial's retry inherits the steps its checkpoint resumed
+                                    # after; a member starts over and reports only the steps after them.
+                                    inherited = storage.get_trial(trial._trial_id).intermediate_values
+                                    members[trial.number] = dataclasses.replace(setup, reported_steps=frozenset(inherited))
+                                except Exception as e:
+                                    # This trial fails; the others admitted with it go back to the
+                                    # queue here, the members below.
+                                    tell_trial(study, storage, trial, None, optuna.trial.TrialState.FAIL, e,
+                                               catch=(Exception,))
+                                    with self.lock.hold():
+                                        for other in started:
+                                            if other is not trial and other.number not in members:
+                                                fail_and_requeue(study, storage, other,
+                                                                 f"its pack stopped on {type(e).__name__}: {e}")
                                     raise
                     trainer.update(done, [(t.number, members[t.number].model) for t in started])
                     done = []
@@ -507,21 +520,19 @@ class _TrialRun:
                             if self._member_epoch_ended(trainer, members[tag], m, tell):
                                 done.append(tag)
             except BaseException as e:
-                # Members not yet told: a stop re-queues them (a rerun or another worker takes them
-                # up); any other error fails them with its reason, as a lone trial would fail.
-                if not members:
-                    raise
+                # The members not yet told are queued again, with the reason, for a rerun or another
+                # worker: a stop is no fault of theirs, and neither is an error the whole pack hit
+                # (a newly admitted trial that could not be set up has been failed above).
                 stop = e if isinstance(e, Interrupted) else (
                     Interrupted(signal.SIGINT) if isinstance(e, KeyboardInterrupt) else None
                 )
-                with critical(), self.lock.hold():
-                    for tag in list(members):
-                        setup = members.pop(tag)
-                        if stop is not None:
-                            fail_and_requeue(study, storage, setup.trial, f"interrupted by {stop.signal_name}")
-                        else:
-                            tell_trial(study, storage, setup.trial, None, optuna.trial.TrialState.FAIL, e,
-                                       catch=(Exception,))
+                reason = f"interrupted by {stop.signal_name}" if stop is not None else (
+                    f"its pack stopped on {type(e).__name__}: {e}"
+                )
+                if members:
+                    with critical(), self.lock.hold():
+                        for tag in list(members):
+                            fail_and_requeue(study, storage, members.pop(tag).trial, reason)
                 if stop is not None and stop is not e:
                     raise stop from e
                 raise
@@ -537,7 +548,7 @@ class _TrialRun:
                 tell(tag, optuna.trial.TrialState.FAIL, error=error)
                 return True
             try:
-                self.record_epoch(setup, m)
+                self.record_epoch(setup, m, report=m.epoch not in setup.reported_steps)
             except optuna.TrialPruned:
                 tell(tag, optuna.trial.TrialState.PRUNED)
                 return True
@@ -552,8 +563,25 @@ class _TrialRun:
         return True
 
 
-def _run_worker_processes(study: optuna.Study, config: SearchConfig, progress: Progress) -> None:
+def worker_pack_sizes(config: SearchConfig, devices: list[torch.device], packing_problem: str | None) -> list[int]:
+    """Return each worker's pack size: ``--pack`` if given, else automatic, with the workers on one
+    GPU sharing its size; 1 for all (with one warning) when the model cannot be packed."""
+    if config.pack is not None:
+        return [config.pack] * len(devices)
+    packs = [auto_pack_size(d, config.trials, n_workers=devices.count(d)) for d in devices]
+    if packing_problem is not None and max(packs, default=1) > 1:
+        _warn_not_packed(packing_problem)
+        return [1] * len(devices)
+    return packs
+
+
+def _warn_not_packed(problem: str) -> None:
+    warnings.warn(f"trials run one at a time: this model cannot be packed ({problem})", AutodropWarning, stacklevel=3)
+
+
+def _run_worker_processes(prepared: PreparedStudy, config: SearchConfig, progress: Progress) -> None:
     """Run ``config.workers`` worker processes on the study and follow them until they stop."""
+    study = prepared.study
     devices = config.worker_devices()
     if not config.devices and resolve_device(config.train.device).type == "cuda" and torch.cuda.device_count() > 1:
         devices = [f"cuda:{i % torch.cuda.device_count()}" for i in range(config.workers)]
@@ -562,14 +590,11 @@ def _run_worker_processes(study: optuna.Study, config: SearchConfig, progress: P
     threads = max(1, torch.get_num_threads() // max(n_cpu_workers, 1))
     base = dataclasses.replace(config, storage=config.storage_url, study=config.study_name, workers=1, devices=())
     resolved = [resolve_device(d) for d in devices]
+    packs = worker_pack_sizes(config, resolved, prepared.packing_problem)
     args = [
-        (dataclasses.replace(
-            base,
-            train=dataclasses.replace(config.train, device=name),
-            # Workers on one GPU share its automatic pack size between them.
-            pack=config.pack or auto_pack_size(device, config.trials, n_workers=resolved.count(device)),
-        ), index, threads, os.getpid())
-        for index, (name, device) in enumerate(zip(devices, resolved))
+        (dataclasses.replace(base, train=dataclasses.replace(config.train, device=name), pack=pack),
+         index, threads, os.getpid())
+        for index, (name, pack) in enumerate(zip(devices, packs))
     ]
     done = count_finished(study)
     progress.start(config.trials, done)

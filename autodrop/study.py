@@ -35,6 +35,7 @@ HEARTBEAT_ENV = "AUTODROP_HEARTBEAT_INTERVAL"
 GRACE_ENV = "AUTODROP_GRACE_PERIOD"
 # How often a trial whose worker died may be re-run with the same parameters before it is given up.
 MAX_RETRY = 2
+PACKED_ATTR = "packed"  # user attribute: the trial trains as a member of a pack (no checkpoint)
 
 
 def heartbeat_settings() -> tuple[int, int]:
@@ -60,6 +61,25 @@ def _seconds_from_env(name: str, default: int) -> int:
     if value < 1:
         raise ConfigError(f"environment variable {name} must be a whole number of seconds >= 1, but got {text!r}.")
     return value
+
+
+class RetryStaleTrial:
+    """Queues a stale (or stopped) trial again with its parameters and user attributes, as
+    Optuna's RetryHeartbeatStaleTrialCallback does, at most ``max_retry`` times.
+
+    A lone trial's retry also inherits the steps already reported: it resumes after them from the
+    checkpoint named in its user attributes. A packed member (user attribute ``packed``) keeps no
+    checkpoint and starts over, so its retry inherits no steps and reports each one afresh.
+    """
+
+    def __init__(self, max_retry: int) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._resume = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)
+            self._restart = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        (self._restart if trial.user_attrs.get(PACKED_ATTR) else self._resume)(study, trial)
 
 
 def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseStorage:
@@ -89,11 +109,7 @@ def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseS
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=heartbeat_interval,
                 grace_period=grace_period,
-                # The retry inherits the steps already reported, and the user attributes that
-                # hold the checkpoint it resumes from.
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=MAX_RETRY, inherit_intermediate_values=True
-                ),
+                heartbeat_stale_trial_callback=RetryStaleTrial(MAX_RETRY),
             )
     except ImportError as e:
         raise StorageError(f"storage {_safe_url(url)!r} needs a database driver that is not installed: {e}.") from e

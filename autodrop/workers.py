@@ -28,7 +28,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autodrop.locking import StorageLock
-from autodrop.study import FINISHED_STATES
+from autodrop.study import FINISHED_STATES, PACKED_ATTR
 
 _logger = logging.getLogger("autodrop")
 
@@ -288,11 +288,13 @@ def _run_one(
     return frozen
 
 
-def claim_trial(trial: optuna.Trial) -> None:
-    """Mark ``trial`` as this worker's before it trains."""
+def claim_trial(trial: optuna.Trial, *, packed: bool = False) -> None:
+    """Mark ``trial`` as this worker's before it trains, and whether it trains in a pack."""
+    # A retry inherits its predecessor's attributes: why that one failed, and whether it was packed.
     if trial.user_attrs.get(FAIL_REASON_ATTR) is not None:
-        # A retry inherits its predecessor's attributes; why that one failed is recorded there.
         trial.set_user_attr(FAIL_REASON_ATTR, None)
+    if packed or trial.user_attrs.get(PACKED_ATTR):
+        trial.set_user_attr(PACKED_ATTR, packed)
     trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:{os.getpid()}")
 
 
@@ -307,7 +309,8 @@ def tell_trial(
 ) -> FrozenTrial | None:
     """Tell the study how ``trial`` ended; returns the finished trial, or None if it was no longer
     this worker's (taken for dead while it ran, and replaced by a retry)."""
-    if storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+
+    def given_up() -> None:
         # Another worker took this one for dead (its heartbeats came too late) and queued a
         # retry, which now owns the trial's parameters and checkpoint. Writing to the trial
         # since then raised UpdateFinishedTrialError: not this worker's fault, so go on.
@@ -315,9 +318,15 @@ def tell_trial(
         if error is not None and not isinstance(error, (optuna.exceptions.UpdateFinishedTrialError, *catch)):
             raise error
         return None
-    if state == TrialState.FAIL and error is not None and trial.user_attrs.get(FAIL_REASON_ATTR) is None:
-        trial.set_user_attr(FAIL_REASON_ATTR, f"{type(error).__name__}: {error}")
-    return study.tell(trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
+
+    if storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+        return given_up()
+    try:
+        if state == TrialState.FAIL and error is not None and trial.user_attrs.get(FAIL_REASON_ATTR) is None:
+            trial.set_user_attr(FAIL_REASON_ATTR, f"{type(error).__name__}: {error}")
+        return study.tell(trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:  # the same, between the check and the write
+        return given_up()
 
 
 def admit_trials(

@@ -64,3 +64,15 @@ def test_drop_site_uses_cheap_masks_on_cpu_and_is_identity_in_eval() -> None:
     assert (y == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
     site.eval()
     assert site(x) is x
+
+
+def test_per_channel_scale_is_not_rounded_to_the_activations_bfloat16():
+    torch.manual_seed(0)
+    x = (torch.rand(1024, 4, 16, 16) + 0.5).to(torch.bfloat16)
+    thresholds, scales = masks.channel_rates([0.3, 0.3], 2, torch.device("cpu"))
+    out = masks.dropout_per_channel(x, thresholds, scales, 1)
+    kept = out != 0
+    ratio = (out.double()[kept] / x.double()[kept]).mean().item()
+    # Each element is rounded to bfloat16 (unbiased on average); a scale rounded to bfloat16 first
+    # would be 1.4297 instead of 1/0.7 = 1.42857 on every element.
+    assert ratio == pytest.approx(1 / (1 - masks.applied_rate(0.3)), abs=2e-4)

@@ -128,3 +128,68 @@ def test_packed_early_schedule_and_variants_run_end_to_end(tmp_path):
     study = optuna.load_study(study_name="digits-seed-cnn", storage=options["storage"])
     assert result.n_finished == 6
     assert all(t.state in FINISHED_STATES for t in study.trials)
+
+
+def test_an_error_in_the_pack_requeues_the_members_and_fails_only_its_cause(tmp_path, monkeypatch):
+    import autodrop.pipeline as pipeline
+
+    real_set_up = pipeline._TrialRun.set_up
+
+    def set_up(self, trial):
+        if trial.number == 6:
+            raise RuntimeError("bad setup of trial 6")
+        return real_set_up(self, trial)
+
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 4)
+    monkeypatch.setattr(pipeline._TrialRun, "set_up", set_up)
+    options = tiny_options(tmp_path, trials=8, epochs=3, pack=3)
+    with pytest.raises(RuntimeError, match="bad setup of trial 6"):
+        autodrop.search(**options)
+    trials = _trials(options)
+    assert trials[6].state == TrialState.FAIL and "bad setup" in trials[6].user_attrs["fail_reason"]
+    # Trials 3 (a baseline) and 5 were training beside it: they go back to the queue, not to FAIL for good.
+    for number in (3, 5):
+        assert trials[number].state == TrialState.FAIL
+        assert trials[number].user_attrs["fail_reason"].startswith("its pack stopped on RuntimeError")
+        retry = next(t for t in trials if t.system_attrs.get("failed_trial") == number)
+        assert retry.state == TrialState.WAITING and retry.params == trials[number].params
+        assert retry.intermediate_values == {}  # a packed member starts over: no steps inherited
+    monkeypatch.undo()
+    result = autodrop.search(**options)
+    assert result.n_finished == 8
+    assert {b.baseline for b in result.baselines if b.state == "complete"} == {"none", "head", "everywhere-low",
+                                                                               "conv-only"}
+
+
+def test_a_member_taken_for_dead_inside_tell_is_told_once_and_the_pack_goes_on(tmp_path, monkeypatch):
+    real_tell = optuna.Study.tell
+    raced = []
+
+    def tell(self, trial, *args, **kwargs):
+        number = trial.number if hasattr(trial, "number") else trial
+        if number == 1 and not raced:  # another worker fails it between the check and the write
+            raced.append(number)
+            self._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            raise optuna.exceptions.UpdateFinishedTrialError("Trial#1 has already finished")
+        return real_tell(self, trial, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "tell", tell)
+    options = tiny_options(tmp_path, trials=5, epochs=2, pack=2)
+    result = autodrop.search(**options)
+    trials = _trials(options)
+    assert raced == [1] and trials[1].state == TrialState.FAIL
+    assert result.n_finished == 5
+
+
+def test_workers_share_a_gpus_automatic_pack_and_an_unpackable_model_is_not_packed():
+    from autodrop.config import SearchConfig
+    from autodrop.errors import AutodropWarning
+    from autodrop.pipeline import worker_pack_sizes
+
+    one_gpu, two_gpus = [torch.device("cuda:0")] * 2, [torch.device("cuda:0"), torch.device("cuda:1")]
+    assert worker_pack_sizes(SearchConfig(trials=100), one_gpu, None) == [4, 4]
+    assert worker_pack_sizes(SearchConfig(trials=100), two_gpus, None) == [8, 8]
+    assert worker_pack_sizes(SearchConfig(trials=100, pack=3), one_gpu, "a reason") == [3, 3]
+    assert worker_pack_sizes(SearchConfig(trials=100), [torch.device("cpu")] * 2, "a reason") == [1, 1]
+    with pytest.warns(AutodropWarning, match="cannot be packed \\(a reason\\)"):
+        assert worker_pack_sizes(SearchConfig(trials=100), one_gpu, "a reason") == [1, 1]

@@ -99,7 +99,7 @@ def test_killed_and_rerun_search_ends_with_exactly_n_finished_trials(tiny_images
 
 @pytest.mark.slow
 def test_ctrl_c_fails_the_running_trial_and_the_same_command_resumes_it(tiny_images: Path, tmp_path: Path) -> None:
-    n_trials, epochs = 3, 6
+    n_trials, epochs = 3, 20  # many short epochs: the stop lands well before the last one, even on a busy box
     url = f"sqlite:///{tmp_path / 'int.db'}"
     args = search_args(tiny_images, url, trials=n_trials, epochs=epochs)
     log = tmp_path / "run.log"
@@ -163,7 +163,7 @@ def test_sigterm_stops_local_workers_cleanly_and_a_rerun_finishes(tiny_images: P
 
 @pytest.mark.slow
 def test_ctrl_c_requeues_every_member_of_a_pack_and_a_rerun_finishes(tiny_images: Path, tmp_path: Path) -> None:
-    n_trials, epochs = 5, 5
+    n_trials, epochs = 5, 12  # the stop must land before the pack's last epoch, even on a busy box
     url = f"sqlite:///{tmp_path / 'pack.db'}"
     args = search_args(tiny_images, url, trials=n_trials, epochs=epochs, extra=("--pack", "3"))
     log = tmp_path / "run.log"
