@@ -264,11 +264,8 @@ def _run_trials(
 ) -> None:
     """Run this process's share of the trials on ``device``: packed several at a time where
     ``--pack`` (or, on a GPU, the automatic choice) asks for it and the model allows, else one by one."""
-    pack = config.pack or auto_pack_size(device, config.trials)
-    if pack > 1 and prepared.packing_problem is not None:
-        # Only the automatic choice gets here (an explicit --pack was checked in prepare_study).
-        _warn_not_packed(prepared.packing_problem)
-        pack = 1
+    # An explicit --pack on a model that cannot be packed was refused in prepare_study.
+    (pack,) = worker_pack_sizes(config, [device], prepared.packing_problem)
     run = _TrialRun(prepared, config, device, progress)
     progress.start(config.trials, count_finished(prepared.study))
     try:
@@ -570,13 +567,10 @@ def worker_pack_sizes(config: SearchConfig, devices: list[torch.device], packing
         return [config.pack] * len(devices)
     packs = [auto_pack_size(d, config.trials, n_workers=devices.count(d)) for d in devices]
     if packing_problem is not None and max(packs, default=1) > 1:
-        _warn_not_packed(packing_problem)
+        warnings.warn(f"trials run one at a time: this model cannot be packed ({packing_problem})",
+                      AutodropWarning, stacklevel=2)
         return [1] * len(devices)
     return packs
-
-
-def _warn_not_packed(problem: str) -> None:
-    warnings.warn(f"trials run one at a time: this model cannot be packed ({problem})", AutodropWarning, stacklevel=3)
 
 
 def _run_worker_processes(prepared: PreparedStudy, config: SearchConfig, progress: Progress) -> None:
