@@ -22,22 +22,22 @@ __all__ = [
 ]
 
 _LAZY = {
-    "search": "autodrop.pipeline",
-    "load_results": "autodrop.report",
-    "export_model": "autodrop.export",
-    "make_report": "autodrop.report_html",
-    "SearchResult": "autodrop.report",
+    "search": "autodrop.api",
+    "load_results": "autodrop.outputs.results",
+    "export_model": "autodrop.outputs.export",
+    "make_report": "autodrop.outputs.page",
+    "SearchResult": "autodrop.outputs.results",
     "SearchConfig": "autodrop.config",
     "AutodropError": "autodrop.errors",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from autodrop.api import search
     from autodrop.config import SearchConfig
     from autodrop.errors import AutodropError
-    from autodrop.export import export_model
-    from autodrop.report import SearchResult, load_results
-    from autodrop.pipeline import search
-    from autodrop.report_html import make_report
+    from autodrop.outputs.export import export_model
+    from autodrop.outputs.page import make_report
+    from autodrop.outputs.results import SearchResult, load_results
 
 
 def __getattr__(name: str) -> Any:

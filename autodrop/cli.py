@@ -21,17 +21,19 @@ from autodrop.config import (
     DataConfig,
     SearchConfig,
     TrainConfig,
-    absolute_model_spec,
-    config_from_options,
-    parse_model_args,
-    read_spec,
+    config_from_sources,
+    model_label,
 )
 from autodrop.errors import AutodropError, AutodropWarning
+from autodrop.nets.builtin import BUILTIN_MODELS
 
 _DEFAULTS = SearchConfig()
 _MODEL_HELP = (
-    "A built-in model (simple-cnn, seed-cnn), your own as path/to/file.py:ClassName or "
+    f"A built-in model ({', '.join(BUILTIN_MODELS)}), your own as path/to/file.py:ClassName or "
     "package.module:ClassName (a class or a function returning a module), or torchvision:NAME."
+)
+_BUILTIN_HELP = "\b\nBuilt-in models:\n" + "\n".join(
+    f"  {name}: {entry.summary}" for name, entry in BUILTIN_MODELS.items()
 )
 _MODEL_ARG_HELP = "An argument for your model's constructor, e.g. --model-arg width=16 (repeatable)."
 
@@ -60,7 +62,7 @@ def main() -> None:
     warnings.showwarning = _show_warning
 
 
-@main.command()
+@main.command(epilog=_BUILTIN_HELP)
 @click.option("--config", "spec", type=click.Path(dir_okay=False),
               help="A TOML study spec (see studies/); options given here override it.")
 @click.option("--data", default=DataConfig.source, show_default=True,
@@ -76,8 +78,9 @@ def main() -> None:
               help="Lowest and highest dropout rate searched.")
 @click.option("--kinds", default=",".join(_DEFAULTS.kinds), show_default=True,
               help="Dropout kinds searched at conv sites (comma-separated); 'element' alone switches this off.")
-@click.option("--orders", default=",".join(_DEFAULTS.orders), show_default=True,
-              help="Slots searched for conv sites with batch norm; 'after-act' alone switches this off.")
+@click.option("--slots", "--orders", "slots", default=",".join(_DEFAULTS.slots), show_default=True,
+              help="Slots searched for conv sites with batch norm; 'after-act' alone switches this off "
+                   "(--orders is its earlier name).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=TrainConfig.schedule, show_default=True,
               help="Dropout for the whole run, or only its first half ('early dropout').")
 @click.option("--pruner", type=click.Choice(PRUNERS), default=_DEFAULTS.pruner, show_default=True)
@@ -113,31 +116,25 @@ def main() -> None:
 def search(ctx: click.Context, spec: str | None, quiet: bool, model_arg: tuple[str, ...], create_only: bool,
            **options: Any) -> None:
     """Search where dropout should go, and how strong, on your data and model."""
-    from autodrop.report import format_result
+    from autodrop.outputs.text import format_result
 
     try:
-        given = read_spec(spec) if spec else {}
-        if model_arg:  # on top of the spec's: a key given here wins
-            given["model-args"] = {**parse_model_args(given.get("model-args") or {}), **parse_model_args(model_arg)}
-        for name, value in options.items():
-            if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT:
-                given[name.replace("_", "-")] = value
-        if given.get("channels") is not None:
-            given["channels"] = int(given["channels"])
-        config = config_from_options(given)
-        from autodrop.pipeline import BarProgress, Progress, prepare_study, run_search
-
+        given = {name: value for name, value in options.items() if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+        config = config_from_sources(spec, given, model_arg)
         if create_only:
-            study = prepare_study(config).study
-            trials = study.get_trials(deepcopy=False)
-            n_queued = sum(t.state.name == "WAITING" for t in trials)
+            from autodrop.run.search import create_study
+
+            n_queued, n_other = create_study(config)
             click.echo(
-                f"Study {study.study_name!r} is ready in {config.storage_url}: {n_queued} trial(s) queued, "
-                f"{len(trials) - n_queued} started or finished."
+                f"Study {config.study_name!r} is ready in {config.storage_url}: {n_queued} trial(s) queued, "
+                f"{n_other} started or finished."
             )
             click.echo("Start workers (here or on other machines) with the same options, without --create-only.")
             return
-        result = run_search(config, progress=Progress() if quiet else BarProgress())
+        from autodrop.api import search as run_search
+        from autodrop.run.progress import BarProgress, Progress
+
+        result = run_search(config=config, progress=Progress() if quiet else BarProgress())
     except AutodropError as e:
         raise UserInputError(str(e)) from e
     except KeyboardInterrupt as e:
@@ -167,7 +164,7 @@ _ARTIFACT_HELP = "Folder of the kept weights; default: the one the search record
               help="Also write a self-contained HTML page (works offline).")
 def report(study: str | None, storage: str | None, html_path: str | None) -> None:
     """Print a study's answer from storage; --html also writes a page."""
-    from autodrop.report_html import make_report
+    from autodrop.outputs.page import make_report
 
     try:
         result = make_report(study, storage, html_path=html_path)
@@ -189,7 +186,7 @@ def report(study: str | None, storage: str | None, html_path: str | None) -> Non
 @click.option("--artifact-dir", default=None, help=_ARTIFACT_HELP)
 def dashboard(study: str | None, storage: str | None, host: str, port: int, artifact_dir: str | None) -> None:
     """Serve optuna-dashboard on a study; Ctrl-C stops it."""
-    from autodrop.dashboard import run_dashboard
+    from autodrop.outputs.dashboard import run_dashboard
 
     def ready(running: Any) -> None:
         click.echo(f"Dashboard for study {running.dashboard.study_name!r}: {running.url}")
@@ -218,7 +215,7 @@ def dashboard(study: str | None, storage: str | None, host: str, port: int, arti
 def export(study: str | None, storage: str | None, trial: int | None, out: str, weights: str | None,
            artifact_dir: str | None, device: str) -> None:
     """Write a trial's network as PyTorch source, and its weights."""
-    from autodrop.export import export_model
+    from autodrop.outputs.export import export_model
 
     try:
         result = export_model(study, storage, out=out, trial=trial, weights=weights, artifact_dir=artifact_dir,
@@ -237,14 +234,14 @@ def export(study: str | None, storage: str | None, trial: int | None, out: str, 
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def confirm(study_name: str | None, storage: str | None, seeds: int, top: int, device: str, quiet: bool) -> None:
     """Retrain the top placements and every baseline with fresh seeds, and test the lead."""
-    from autodrop.report import format_confirmation
+    from autodrop.outputs.text import format_confirmation
 
     def on_run(label: str, seed_index: int) -> None:
         if not quiet:
             click.echo(f"  training {label}, seed {seed_index + 1}/{seeds}", err=True)
 
     try:
-        from autodrop.confirm import confirm_study
+        from autodrop.run.confirm import confirm_study
 
         confirmation = confirm_study(study_name, storage, n_seeds=seeds, top=top, device=device, on_run=on_run)
     except AutodropError as e:
@@ -253,7 +250,7 @@ def confirm(study_name: str | None, storage: str | None, seeds: int, top: int, d
     click.echo("\nStored with the study; autodrop report shows it from now on.")
 
 
-@main.command()
+@main.command(epilog=_BUILTIN_HELP)
 @click.option("--config", "spec", type=click.Path(dir_okay=False),
               help="A TOML study spec: its model, model-args, image-size and channels are used.")
 @click.option("--model", default=None, help=_MODEL_HELP + f"  [default: {_DEFAULTS.model}]")
@@ -266,20 +263,17 @@ def confirm(study_name: str | None, storage: str | None, seeds: int, top: int, d
 def sites(spec: str | None, model: str | None, model_arg: tuple[str, ...], image_size: int | None,
           channels: str | None, classes: int) -> None:
     """List the candidate drop sites autodrop finds in a model, without training anything."""
+    given = {key: value for key, value in (("model", model), ("image-size", image_size), ("channels", channels))
+             if value is not None}
     try:
-        given = read_spec(spec) if spec else {}
-        name = model or given.get("model") or _DEFAULTS.model
-        args = {**parse_model_args(given.get("model-args") or {}), **parse_model_args(model_arg)}
-        size = image_size or given.get("image-size") or DataConfig.image_size
-        n_channels = int(channels or given.get("channels") or 3)
-        from autodrop.discover import format_sites
-        from autodrop.models import ModelShape, describe_model_sites
+        config = config_from_sources(spec, given, model_arg)
+        from autodrop.nets.build import list_sites
+        from autodrop.nets.discovery import format_sites
 
-        shape = ModelShape(n_channels, classes, int(size))
-        found = describe_model_sites(absolute_model_spec(name), shape, model_args=args)
+        found, shape = list_sites(config, n_classes=classes)
     except AutodropError as e:
         raise UserInputError(str(e)) from e
-    title = f"Model {name}: input {n_channels}x{size}x{size}, {classes} classes"
+    title = f"Model {model_label(config.model)}: input {shape.channels}x{shape.image_size}x{shape.image_size}, {shape.n_classes} classes"
     click.echo(format_sites(found, title=title))
 
 

@@ -12,9 +12,9 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from autodrop.errors import ConfigError
+from autodrop.errors import ConfigError, ModelError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,9 +25,9 @@ PRUNERS = ("median", "hyperband", "none")
 # What dropout zeroes at a conv site: single activations (nn.Dropout) or whole feature maps
 # (nn.Dropout2d).
 DROPOUT_KINDS = ("element", "channel")
-# Where a conv site sits in its block: after the activation (and pooling), or between the conv and
-# its batch norm, where dropout shifts the variance that batch norm sees.
-ORDERS = ("after-act", "before-bn")
+# The slot a conv site takes in its block: after the activation (and pooling), or between the conv
+# and its batch norm, where dropout shifts the variance that batch norm sees. The first is the default.
+SLOTS = ("after-act", "before-bn")
 SCHEDULES = ("whole", "early")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_STORAGE_FILE = "autodrop.db"
@@ -68,7 +68,7 @@ class SearchConfig:
     trials: int = 20  # finished trials the study ends with, baselines included
     rate_range: tuple[float, float] = (0.05, 0.7)  # lowest and highest dropout rate searched
     kinds: tuple[str, ...] = DROPOUT_KINDS  # dropout kinds searched at conv sites
-    orders: tuple[str, ...] = ORDERS  # slots searched for conv sites that have a batch norm
+    slots: tuple[str, ...] = SLOTS  # slots searched for conv sites that have a batch norm
     pruner: str = "median"  # median, hyperband or none
     seed: int = 0  # seeds the sampler and every trial's weights and batches
     study: str | None = None  # None derives a name from the data and model
@@ -87,8 +87,9 @@ class SearchConfig:
             return self.study
         data_name = Path(self.data.source).name or "data"
         model = self.model
-        if is_file_model_spec(model):  # the stored path is absolute: name it by file and class
-            path, _, attr = model.rpartition(":")
+        found = _file_part(model)
+        if found is not None:  # the stored path is absolute: name it by file and class
+            path, attr = found
             model = f"{Path(path).stem}-{attr}"
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{data_name}-{model}").strip("-")
         return slug
@@ -105,9 +106,9 @@ class SearchConfig:
         """The checkpoint folder: the one given, else next to an SQLite file, else in the working directory."""
         if self.checkpoint_dir:
             return Path(self.checkpoint_dir).absolute()
-        url = self.storage_url
-        if _is_sqlite_file(url):
-            return Path(url[len("sqlite:///"):].split("?", 1)[0]).absolute().parent / DEFAULT_CHECKPOINT_DIR
+        database = sqlite_file(self.storage_url)
+        if database is not None:
+            return database.absolute().parent / DEFAULT_CHECKPOINT_DIR
         return Path.cwd() / DEFAULT_CHECKPOINT_DIR
 
     def worker_devices(self) -> list[str]:
@@ -148,7 +149,7 @@ def validate(config: SearchConfig) -> SearchConfig:
             f"--devices must list devices such as cuda:0,cuda:1 (or cpu, mps), but got {device!r}.",
         )
     _check(
-        config.workers == 1 or not config.storage_url.startswith("sqlite://") or _is_sqlite_file(config.storage_url),
+        config.workers == 1 or not config.storage_url.startswith("sqlite:") or sqlite_file(config.storage_url) is not None,
         f"--workers {config.workers} needs a storage every process can open, but {config.storage_url!r} is in "
         "memory; use an SQLite file or PostgreSQL.",
     )
@@ -156,7 +157,7 @@ def validate(config: SearchConfig) -> SearchConfig:
         train.schedule in SCHEDULES,
         f"--schedule must be one of {', '.join(SCHEDULES)}, but got {train.schedule!r}.",
     )
-    for option, values, allowed in (("--kinds", config.kinds, DROPOUT_KINDS), ("--orders", config.orders, ORDERS)):
+    for option, values, allowed in (("--kinds", config.kinds, DROPOUT_KINDS), ("--slots", config.slots, SLOTS)):
         _check(
             len(values) >= 1 and all(v in allowed for v in values) and len(set(values)) == len(values),
             f"{option} must be a comma-separated list of {', '.join(allowed)}, but got {','.join(values)!r}.",
@@ -181,8 +182,18 @@ def validate(config: SearchConfig) -> SearchConfig:
     return config
 
 
-def _is_sqlite_file(url: str) -> bool:
-    return url.startswith("sqlite:///") and url[len("sqlite:///"):].split("?", 1)[0] not in ("", ":memory:")
+def sqlite_file(url: str) -> Path | None:
+    """Return the database file an SQLite URL names, or None for another database or SQLite in memory.
+
+    The one reading of SQLite URLs: ``sqlite:///relative.db``, ``sqlite:////absolute.db``, with or
+    without ``?options``.
+    """
+    if not url.startswith("sqlite:") or ":///" not in url:
+        return None
+    rest = url.split(":///", 1)[1].split("?", 1)[0]
+    if not rest or rest == ":memory:" or rest.startswith("file:"):
+        return None
+    return Path(rest)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -196,11 +207,19 @@ _DATA_KEYS = {"data": "source", "image-size": "image_size", "channels": "channel
 _TRAIN_KEYS = {"epochs": "epochs", "batch-size": "batch_size", "lr": "lr", "device": "device",
                "schedule": "schedule"}
 _SEARCH_KEYS = {"model": "model", "model-args": "model_args", "trials": "trials", "rate-range": "rate_range", "kinds": "kinds",
-                "orders": "orders", "pruner": "pruner", "seed": "seed", "study": "study", "storage": "storage",
+                "slots": "slots", "pruner": "pruner", "seed": "seed", "study": "study", "storage": "storage",
                 "timeout": "timeout",
                 "artifact-dir": "artifact_dir",
                 "workers": "workers", "devices": "devices", "checkpoint-dir": "checkpoint_dir", "pack": "pack"}
 OPTION_NAMES = tuple(_DATA_KEYS) + tuple(_TRAIN_KEYS) + tuple(_SEARCH_KEYS)
+# Earlier names of settings, still read (from specs, stored studies and the command line).
+OPTION_ALIASES = {"orders": "slots"}
+
+
+def option_name(key: str) -> str:
+    """Return the current flat name of setting ``key`` (``image_size`` -> ``image-size``, ``orders`` -> ``slots``)."""
+    name = key.replace("_", "-")
+    return OPTION_ALIASES.get(name, name)
 
 
 def config_from_options(options: Mapping[str, Any]) -> SearchConfig:
@@ -210,14 +229,14 @@ def config_from_options(options: Mapping[str, Any]) -> SearchConfig:
     """
     given = {}
     for key, value in options.items():
-        name = key.replace("_", "-")
+        name = option_name(key)
         if name not in OPTION_NAMES:
             raise ConfigError(f"unknown setting {key!r}; valid settings are: {', '.join(OPTION_NAMES)}.")
         if value is not None:
             given[name] = value
     if "rate-range" in given:
         given["rate-range"] = _rate_range(given["rate-range"])
-    for key in ("kinds", "orders"):
+    for key in ("kinds", "slots"):
         if key in given:
             given[key] = _choice_list(given[key])
     if "model-args" in given:
@@ -298,10 +317,69 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def is_file_model_spec(spec: str) -> bool:
-    """Return whether ``spec`` names a class in a Python file (``path/net.py:Net``)."""
-    path, sep, _ = spec.rpartition(":")
-    return bool(sep) and (path.endswith(".py") or "/" in path or "\\" in path)
+TORCHVISION_PREFIX = "torchvision:"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed ``--model`` value that names a user model."""
+
+    form: str  # "file", "module" or "torchvision"
+    source: str  # the absolute file path, the module name, or the torchvision model name
+    attr: str  # the class or factory's (dotted) name in the file or module; "" for torchvision
+    text: str  # the spec as given
+
+    @property
+    def label(self) -> str:
+        """A short name for messages and tables: ``forum_net.py:Net``, ``torchvision:resnet18``."""
+        if self.form == "file":
+            return f"{Path(self.source).name}:{self.attr}"
+        return self.text
+
+
+def model_label(spec: str) -> str:
+    """Return a short name for a ``--model`` value: the built-in name, or ``forum_net.py:Net``."""
+    return parse_model_spec(spec).label if is_user_model(spec) else spec
+
+
+def is_user_model(spec: str) -> bool:
+    """Return whether ``spec`` names a user model rather than a built-in one."""
+    return ":" in spec or spec.endswith(".py")
+
+
+def _file_part(spec: str) -> tuple[str, str] | None:
+    """Return (path, name) when ``spec`` names a class in a Python file (``path/net.py:Net``)."""
+    if spec.startswith(TORCHVISION_PREFIX):
+        return None
+    path, sep, attr = spec.rpartition(":")
+    if sep and (path.endswith(".py") or "/" in path or "\\" in path):
+        return path, attr
+    return None
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    """Return the parsed user-model ``spec``, or raise ModelError saying which form was expected.
+
+    The one reading of the ``--model`` grammar: ``FILE.py:Name``, ``package.module:Name`` or
+    ``torchvision:NAME``. Parsing touches no file and imports nothing.
+    """
+    if spec.startswith(TORCHVISION_PREFIX):
+        name = spec[len(TORCHVISION_PREFIX):]
+        if not name.isidentifier():
+            raise ModelError(f"--model {spec!r} must name a torchvision model, e.g. torchvision:resnet18.")
+        return ModelSpec("torchvision", name, "", spec)
+    source, sep, attr = spec.rpartition(":")
+    if not sep:
+        if spec.endswith(".py"):
+            raise ModelError(f"--model {spec!r} names a file but no class; write {spec}:ClassName.")
+        raise ModelError(f"--model {spec!r} is not a user model spec (FILE.py:Name, package.module:Name, torchvision:NAME).")
+    if not attr or not all(part.isidentifier() for part in attr.split(".")):
+        raise ModelError(f"--model {spec!r} must end in :Name, a class or function name, but got {attr!r}.")
+    if _file_part(spec) is not None:
+        return ModelSpec("file", str(Path(source).expanduser().resolve()), attr, spec)
+    if not source or not all(part.isidentifier() for part in source.split(".")):
+        raise ModelError(f"--model {spec!r}: {source!r} is neither a .py file nor a module name like package.module.")
+    return ModelSpec("module", source, attr, spec)
 
 
 def absolute_model_spec(spec: str, *, relative_to: Path | None = None) -> str:
@@ -310,9 +388,10 @@ def absolute_model_spec(spec: str, *, relative_to: Path | None = None) -> str:
     A relative path is taken from the working directory; failing that, from ``relative_to`` (the
     folder of the study spec that names it). Other specs come back unchanged.
     """
-    if not is_file_model_spec(spec):
+    found = _file_part(spec)
+    if found is None:
         return spec
-    path, _, attr = spec.rpartition(":")
+    path, attr = found
     candidate = Path(path).expanduser()
     if not candidate.is_absolute() and not candidate.exists() and relative_to is not None:
         if (relative_to / candidate).exists():
@@ -360,12 +439,12 @@ def read_spec(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"study spec {str(path)!r} is not valid TOML: {e}.") from e
     for key in spec:
-        if key.replace("_", "-") not in OPTION_NAMES:
+        if option_name(key) not in OPTION_NAMES:
             raise ConfigError(
                 f"study spec {str(path)!r} has unknown setting {key!r}; valid settings are: "
                 f"{', '.join(OPTION_NAMES)}."
             )
-    options = {key.replace("_", "-"): value for key, value in spec.items()}
+    options = {option_name(key): value for key, value in spec.items()}
     if isinstance(options.get("model"), str):
         options["model"] = absolute_model_spec(options["model"], relative_to=path.parent)
     return options
@@ -382,7 +461,35 @@ def config_to_options(config: SearchConfig) -> dict[str, Any]:
         options[key] = getattr(config, attr)
     options["rate-range"] = list(config.rate_range)
     options["kinds"] = list(config.kinds)
-    options["orders"] = list(config.orders)
+    options["slots"] = list(config.slots)
     options["model-args"] = dict(config.model_args)
     options["devices"] = list(config.devices)
     return options
+
+
+def merge_options(
+    spec: Mapping[str, Any], given: Mapping[str, Any], model_args: Sequence[str] | Mapping[str, Any] = ()
+) -> dict[str, Any]:
+    """Return the settings that win: a study spec's, overridden by options given on the command
+    line, with ``--model-arg`` keys added over the spec's ``model-args`` (a key given twice takes the
+    command line's value). The one rule of precedence for every command that reads a spec."""
+    merged = {option_name(key): value for key, value in spec.items()}
+    for name, value in given.items():
+        merged[option_name(name)] = value
+    if model_args:
+        merged["model-args"] = {**parse_model_args(spec.get("model-args") or {}), **parse_model_args(model_args)}
+    if merged.get("channels") is not None:
+        try:
+            merged["channels"] = int(merged["channels"])
+        except (TypeError, ValueError):
+            pass  # validation names the bad value
+    return merged
+
+
+def config_from_sources(
+    spec_path: str | Path | None, given: Mapping[str, Any], model_args: Sequence[str] = ()
+) -> SearchConfig:
+    """Return the validated settings from a study spec file (if any), the options given on the
+    command line and ``--model-arg`` values, in that order of precedence."""
+    spec = read_spec(spec_path) if spec_path else {}
+    return config_from_options(merge_options(spec, given, model_args))

@@ -34,13 +34,14 @@ def _child(dataset: str, images: int, epochs: int, trials: tuple[int, int], pack
     sys.path.insert(0, str(ROOT))
     import torch
 
-    import autodrop.pipeline as search_module
-    from autodrop.data import ImageData, _split, load_data
+    import autodrop.run.search as search_module
+    from autodrop.api import search
+    from autodrop.training.data import ImageData, _split, load_data
 
     peaks: dict[str, float] = {"start": _peak_mib()}
     real_load = load_data
 
-    def load(config):  # noqa: ANN001 - stands in for autodrop.data.load_data
+    def load(config):  # noqa: ANN001 - stands in for autodrop.training.data.load_data
         if dataset == "digits":
             data = real_load(config)
         else:
@@ -58,9 +59,9 @@ def _child(dataset: str, images: int, epochs: int, trials: tuple[int, int], pack
 
     search_module.load_data = load
     options = dict(data="digits", image_size=32, epochs=epochs, pruner="none", storage=storage, pack=pack)
-    search_module.search(trials=trials[0], **options)
+    search(trials=trials[0], **options)
     peaks[f"after {trials[0]} trials"] = _peak_mib()
-    search_module.search(trials=trials[1], **options)
+    search(trials=trials[1], **options)
     peaks[f"after {trials[1]} trials (resumed)"] = _peak_mib()
     n = 1797 if dataset == "digits" else images
     print(json.dumps({"dataset": dataset, "images": n, "peaks_mib": peaks}))

@@ -5,7 +5,7 @@ digits at 32x32, written out as PNG files), same epochs, batch size 128, Adam at
 
 (a) the tutorial loop, as Optuna's PyTorch example writes it: torchvision ImageFolder +
     DataLoader over the image files (decoded every epoch), nn.Dropout, validation under no_grad;
-(b) autodrop's trial loop (autodrop.train.train_trial) on the same folder, decoded once;
+(b) autodrop's trial loop (autodrop.training.loop.train_trial) on the same folder, decoded once;
 (c) several trials at once as one packed model (autodrop.packed.PackTrainer), in trial-images/s.
 
 An "epoch" is one pass over the training images plus one evaluation of the validation images, in
@@ -37,11 +37,13 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autodrop.config import DataConfig, TrainConfig  # noqa: E402
-from autodrop.data import ImageData, load_data  # noqa: E402
-from autodrop.models import ModelShape, build_model  # noqa: E402
-from autodrop.packed import PackTrainer, auto_pack_size  # noqa: E402
-from autodrop.sites import DropSite, apply_placement, site_kinds  # noqa: E402
-from autodrop.train import Normaliser, resolve_device, train_trial  # noqa: E402
+from autodrop.nets.build import ModelShape, build_model  # noqa: E402
+from autodrop.nets.sites import DropSite, apply_placement, site_kinds  # noqa: E402
+from autodrop.training.data import ImageData, load_data  # noqa: E402
+from autodrop.training.device import resolve_device  # noqa: E402
+from autodrop.training.loop import Member, train_trial  # noqa: E402
+from autodrop.training.normaliser import Normaliser  # noqa: E402
+from autodrop.training.packed import PackTrainer, auto_pack_size  # noqa: E402
 
 MODEL = "simple-cnn"
 RATE = 0.1  # every site on at this rate: the "everywhere-low" baseline, the most dropout work
@@ -250,7 +252,7 @@ def _packed(data: ImageData, normaliser: Normaliser, shape: ModelShape, device: 
     members = []
     for k in range(pack):
         rates = {site: RATE * (1 + k % 3) for site in site_kinds(build_model(MODEL, shape))}
-        members.append((k, _autodrop_model(shape, seed=k, rates=rates)))
+        members.append(Member(k, _autodrop_model(shape, seed=k, rates=rates), seed=k))
     trainer = PackTrainer(data, normaliser, TrainConfig(epochs=epochs, batch_size=BATCH_SIZE, lr=LR), device=device,
                           seed=0, build=lambda: build_model(MODEL, shape))
     _sync(device)

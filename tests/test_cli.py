@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from tiny import write_image_folder
 
 from autodrop.cli import main
-
-from tiny import write_image_folder
 
 TINY_ARGS = ["--image-size", "16", "--train-per-class", "30", "--epochs", "2", "--batch-size", "64",
              "--pruner", "none", "--quiet"]

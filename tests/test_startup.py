@@ -36,7 +36,7 @@ def test_help_does_not_import_torch(args: list[str]) -> None:
 def test_training_modules_do_not_import_torchvision() -> None:
     out = _run(
         "import sys\n"
-        "import autodrop.pipeline, autodrop.packed, autodrop.train, autodrop.data\n"
+        "import autodrop.run.search, autodrop.training.packed, autodrop.training.loop, autodrop.training.data\n"
         "print('TV', 'torchvision' in sys.modules)\n"
     )
     assert out.strip().splitlines()[-1] == "TV False"

@@ -48,7 +48,7 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> TinyStudy:
     """A finished six-trial digits study, its weights kept beside the database."""
     import torch
 
-    from autodrop.pipeline import search
+    from autodrop.api import search
 
     study = TinyStudy(tmp_path_factory.mktemp("tiny-study"))
     # One thread: on a small shared CPU box, torch's thread pool fighting other processes makes

@@ -6,9 +6,9 @@ import optuna
 import pytest
 from optuna.artifacts import FileSystemArtifactStore
 
-from autodrop.artifacts import (
-    ARTIFACT_DIR_ATTR,
-    NORMALISER_ATTR,
+from autodrop.errors import StorageError
+from autodrop.run import records
+from autodrop.run.artifacts import (
     default_artifact_dir,
     find_weights,
     keep_weights_if_top,
@@ -16,8 +16,7 @@ from autodrop.artifacts import (
     resolve_artifact_dir,
     trial_note,
 )
-from autodrop.errors import StorageError
-from autodrop.study import find_study, open_storage
+from autodrop.run.storage import find_study, open_storage
 
 
 def test_note_gives_placement_accuracies_gap_and_baseline():
@@ -66,8 +65,8 @@ def test_search_records_artifact_dir_scaling_notes_and_weights(tiny_study):
     from optuna_dashboard._note import get_note_from_system_attrs
 
     study = tiny_study.load()
-    assert study.user_attrs[ARTIFACT_DIR_ATTR] == str(tiny_study.artifact_dir)
-    assert len(study.user_attrs[NORMALISER_ATTR]["scale"]) == 1
+    assert study.user_attrs[records.ARTIFACT_DIR_KEY] == str(tiny_study.artifact_dir)
+    assert len(study.user_attrs[records.NORMALISER_KEY]["scale"]) == 1
     system_attrs = study._storage.get_study_system_attrs(study._study_id)
     for trial in study.trials:
         assert "**Dropout:**" in get_note_from_system_attrs(system_attrs, trial._trial_id)["body"]

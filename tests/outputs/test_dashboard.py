@@ -24,7 +24,7 @@ def get_json(url: str) -> dict:
 @pytest.fixture(scope="module")
 def running(tiny_study):
     """The tiny study's dashboard, served on a free port for the module's tests."""
-    from autodrop.dashboard import create_dashboard_app, start_dashboard
+    from autodrop.outputs.dashboard import create_dashboard_app, start_dashboard
 
     dashboard = create_dashboard_app("tiny", tiny_study.url)
     with start_dashboard(dashboard, port=0) as server:

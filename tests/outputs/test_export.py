@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from autodrop.cli import main
+from autodrop.nets.builtin import BUILTIN_MODELS
 
 # Run in a fresh interpreter: -I ignores PYTHONPATH and the working folder, and autodrop is made
 # unimportable, so the exported file can only work if it needs nothing but torch.
@@ -43,7 +44,7 @@ def val_tensors(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from autodrop.config import DataConfig
-    from autodrop.data import load_data
+    from autodrop.training.data import load_data
 
     data = load_data(DataConfig(source="digits", image_size=16, train_per_class=30))
     path = tmp_path_factory.mktemp("val") / "val.pt"
@@ -82,7 +83,7 @@ def test_exported_best_trial_reproduces_recorded_accuracy_without_autodrop(tiny_
 
 
 def test_exported_source_reads_like_hand_written_torch(tiny_study, tmp_path):
-    from autodrop.export import export_model
+    from autodrop.outputs.export import export_model
 
     study = tiny_study.load()
     trial = study.trials[1]  # the "head" baseline: dropout 0.5 before fc1 and fc2
@@ -95,12 +96,12 @@ def test_exported_source_reads_like_hand_written_torch(tiny_study, tmp_path):
     assert "self.drop_fc1 = nn.Dropout(p=0.5)" in source and "self.drop_fc2 = nn.Dropout(p=0.5)" in source
     assert "drop_conv1" not in source  # an off site makes no layer
     assert "x = self.drop_fc1(x)" in source
-    assert f"trial 1" in source.splitlines()[0] and repr(tiny_study.name) in source.splitlines()[0]
+    assert "trial 1" in source.splitlines()[0] and repr(tiny_study.name) in source.splitlines()[0]
     assert f"seed {trial.user_attrs['seed']}" in source
 
 
 def test_export_without_kept_weights_retrains_with_the_trial_seed(tiny_study, tmp_path):
-    from autodrop.export import export_model
+    from autodrop.outputs.export import export_model
 
     empty = tmp_path / "no-artifacts"
     empty.mkdir()
@@ -162,7 +163,7 @@ def test_tampered_model_name_is_refused(tiny_study, tmp_path):
 
 def test_non_builtin_model_has_no_exporter_yet():
     from autodrop.errors import ModelError
-    from autodrop.export import get_exporter
+    from autodrop.outputs.export import get_exporter
 
     with pytest.raises(ModelError, match="only the built-in models"):
         get_exporter("my-own-net")
@@ -211,22 +212,21 @@ def test_export_of_missing_sqlite_file_creates_nothing(tmp_path):
     assert not missing.exists()
 
 
-@pytest.mark.parametrize("model_name", ["simple-cnn", "seed-cnn"])
+@pytest.mark.parametrize("model_name", sorted(BUILTIN_MODELS))
 def test_every_builtin_model_exports_to_matching_source(model_name, tmp_path):
     import importlib.util
 
     import torch
 
     from autodrop.config import SearchConfig
-    from autodrop.export import TrialRecord, class_name_for, export_builtin
-    from autodrop.models import MODELS, ModelShape, build_model
-    from autodrop.sites import site_kinds
+    from autodrop.nets.build import ModelShape, build_model
+    from autodrop.nets.sites import site_kinds
+    from autodrop.outputs.export import ExportRecord, class_name_for, export_builtin
 
-    assert model_name in MODELS
     shape = ModelShape(3, 4, 32)
     sites = site_kinds(build_model(model_name, shape))
     placement = {site: (0.25 if i % 2 else None) for i, site in enumerate(sites)}
-    record = TrialRecord(
+    record = ExportRecord(
         study_name="s", number=0, config=SearchConfig(model=model_name), shape=shape, classes=("a", "b", "c", "d"),
         data_name="d", sites=sites, placement=placement, val_accuracy=0.5, train_accuracy=None, seed=1,
         scaling=([0.1, 0.1, 0.1], [-1.0, -1.0, -1.0]),
@@ -251,19 +251,19 @@ def test_channel_dropout_before_batch_norm_is_exported_as_written(tmp_path, monk
     import torch
 
     from autodrop.config import SearchConfig
-    from autodrop.export import TrialRecord, class_name_for, export_builtin
-    from autodrop.models import ModelShape, build_model
-    from autodrop import sites as sites_module
-    from autodrop.sites import site_kinds
+    from autodrop.nets import sites as sites_module
+    from autodrop.nets.build import ModelShape, build_model
+    from autodrop.nets.sites import site_kinds
+    from autodrop.outputs.export import ExportRecord, class_name_for, export_builtin
 
     shape = ModelShape(1, 10, 16)
     sites = site_kinds(build_model("simple-cnn", shape))
     placement = {site: None for site in sites} | {"conv2": 0.3, "fc1": 0.5}
-    record = TrialRecord(
+    record = ExportRecord(
         study_name="s", number=0, config=SearchConfig(model="simple-cnn"), shape=shape,
         classes=tuple(str(i) for i in range(10)), data_name="d", sites=sites, placement=placement,
         val_accuracy=0.5, train_accuracy=None, seed=1, scaling=([0.1], [-1.0]),
-        variants={"conv2": {"kind": "channel", "order": "before-bn"}},
+        variants={"conv2": {"dropout": "channel", "slot": "before-bn"}},
     )
     source, model = export_builtin(record, class_name_for("simple-cnn"))
     assert "self.drop_conv2_before_bn = nn.Dropout2d(p=0.3)" in source

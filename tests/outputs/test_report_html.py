@@ -23,7 +23,8 @@ def page(tiny_study, tmp_path_factory):
 
 
 def test_report_prints_the_same_answer_as_search(tiny_study, page):
-    from autodrop.report import format_result, load_results
+    from autodrop.outputs.results import load_results
+    from autodrop.outputs.text import format_result
 
     _, _, output = page
     assert format_result(load_results("tiny", tiny_study.url)) in output
@@ -57,7 +58,8 @@ def test_report_page_marks_every_site_of_the_best_trial(tiny_study, page):
 
 
 def test_report_summary_says_which_sites_matter(tiny_study):
-    from autodrop.report import load_results, site_story
+    from autodrop.outputs.results import load_results
+    from autodrop.outputs.text import site_story
 
     story = site_story(load_results("tiny", tiny_study.url))
     # Six trials give rough importances: the story says so, and names sites either way.

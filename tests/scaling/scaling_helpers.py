@@ -10,7 +10,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import optuna
 import pytest
+from optuna.trial import TrialState
+
+from autodrop.run.scheduler import Outcome, TrialRunner
 
 REPO = Path(__file__).resolve().parents[2]
 # Short heartbeats, so that a killed worker's trial is retried within seconds, not a minute. The grace
@@ -73,15 +77,61 @@ def stop_all(processes: list[subprocess.Popen]) -> None:
             process.wait()
 
 
+class ObjectiveRunner(TrialRunner):
+    """Runs each admitted trial as one step of ``objective(trial)`` through the real scheduler: the
+    shape of the tests that pin the scheduler's rules (admission, signals, failures).
+
+    ``last_step`` makes every step the trial's last (a first stop signal lets it finish).
+    """
+
+    def __init__(self, objective: Callable, *, catch: tuple = (), last_step: bool = False) -> None:
+        self.objective, self.catch, self.last_step = objective, catch, last_step
+        self.trial = None
+
+    def running(self) -> list:
+        return [] if self.trial is None else [self.trial]
+
+    def start(self, trial):
+        self.trial = trial
+        return None
+
+    def in_last_step(self) -> bool:
+        return self.last_step
+
+    def step(self) -> list:
+        try:
+            result = self.objective(self.trial)
+        except optuna.TrialPruned as e:
+            result = e
+        return [(self.trial, result)]
+
+    def record(self, trial, result):
+        self.trial = None
+        if isinstance(result, optuna.TrialPruned):
+            return Outcome(TrialState.PRUNED)
+        return Outcome(TrialState.COMPLETE, float(result))
+
+    def forget(self, trial) -> None:
+        self.trial = None
+
+
+def run_objective(study, storage, url: str, objective: Callable, n_trials: int, *, catch: tuple = (),
+                  last_step: bool = False, **kwargs) -> None:
+    """Run ``objective`` as trials of ``study`` until it has ``n_trials`` finished, as a worker does."""
+    from autodrop.run.locking import StorageLock
+    from autodrop.run.scheduler import run_trials
+
+    runner = ObjectiveRunner(objective, catch=catch, last_step=last_step)
+    run_trials(study, storage, runner, n_trials=n_trials, lock=StorageLock(url, f"admit:{study.study_name}"), **kwargs)
+
+
 def racing_worker(url: str, study_name: str, n_trials: int, seed: int) -> None:
     """A worker process for the admission tests: trials that sleep a little and report two steps."""
     import random
 
     import optuna
 
-    from autodrop.locking import StorageLock
-    from autodrop.study import open_storage
-    from autodrop.workers import run_trials
+    from autodrop.run.storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rng = random.Random(seed)
@@ -97,4 +147,4 @@ def racing_worker(url: str, study_name: str, n_trials: int, seed: int) -> None:
             raise optuna.TrialPruned()
         return x
 
-    run_trials(study, storage, objective, n_trials=n_trials, lock=StorageLock(url, f"admit:{study_name}"))
+    run_objective(study, storage, url, objective, n_trials)

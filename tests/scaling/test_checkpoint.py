@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from autodrop.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from autodrop.config import TrainConfig
-from autodrop.data import ImageData
 from autodrop.errors import AutodropWarning
-from autodrop.models import ModelShape, build_model
-from autodrop.sites import apply_placement, site_kinds
-from autodrop.train import Normaliser, TrainingState, train_trial
+from autodrop.nets.build import ModelShape, build_model
+from autodrop.nets.sites import apply_placement, site_kinds
+from autodrop.run.checkpoints import checkpoint_path
+from autodrop.training.checkpoint import load_checkpoint, save_checkpoint
+from autodrop.training.data import ImageData
+from autodrop.training.loop import TrainingState, train_trial
+from autodrop.training.normaliser import Normaliser
 
 CPU = torch.device("cpu")
 

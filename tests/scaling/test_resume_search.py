@@ -11,10 +11,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autodrop.checkpoint import CHECKPOINT_ATTR, RESUMED_ATTR
+from autodrop.api import search as run_search
 from autodrop.config import config_from_options
-from autodrop.pipeline import Progress, run_search
-from autodrop.workers import FAIL_REASON_ATTR, Interrupted
+from autodrop.run import records
+from autodrop.run.progress import Progress
+from autodrop.run.signals import Interrupted
 
 pytestmark = pytest.mark.slow
 
@@ -51,29 +52,29 @@ def test_interrupted_trial_resumes_from_its_checkpoint_to_the_same_result(tiny_i
     import torch
 
     torch.set_num_threads(1)
-    straight = run_search(_config(tiny_images, tmp_path / "straight.db"), progress=Progress())
+    straight = run_search(config=_config(tiny_images, tmp_path / "straight.db"), progress=Progress())
     expected = optuna.load_study(study_name="resume", storage=straight.storage_url).trials[0]
 
     config = _config(tiny_images, tmp_path / "stopped.db")
     with pytest.raises(Interrupted):
-        run_search(config, progress=StopAtEpoch(2))
+        run_search(config=config, progress=StopAtEpoch(2))
     study = optuna.load_study(study_name="resume", storage=config.storage_url)
     stopped, retry = study.trials
     assert stopped.state == TrialState.FAIL
-    assert stopped.user_attrs[FAIL_REASON_ATTR] == "interrupted by SIGINT"
+    assert stopped.user_attrs[records.FAIL_REASON] == "interrupted by SIGINT"
     assert sorted(stopped.intermediate_values) == [1, 2]
-    checkpoint = Path(stopped.user_attrs[CHECKPOINT_ATTR])
+    checkpoint = Path(stopped.user_attrs[records.CHECKPOINT])
     assert checkpoint.exists() and checkpoint.is_relative_to(tmp_path / "autodrop-checkpoints")
     assert retry.state == TrialState.WAITING
 
     log = EpochLog()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # re-reporting a step would warn
-        result = run_search(config, progress=log)
+        result = run_search(config=config, progress=log)
     assert log.epochs == [2, 3, 4]  # the checkpointed epoch is replayed to the pruner, then training goes on
     resumed = optuna.load_study(study_name="resume", storage=config.storage_url).trials[1]
     assert resumed.state == TrialState.COMPLETE
-    assert resumed.user_attrs[RESUMED_ATTR] == 3
+    assert resumed.user_attrs[records.RESUMED_AT] == 3
     assert resumed.intermediate_values == expected.intermediate_values
     assert resumed.value == expected.value
     assert resumed.user_attrs["train_accuracy"] == expected.user_attrs["train_accuracy"]

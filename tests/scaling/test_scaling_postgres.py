@@ -15,9 +15,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from autodrop.checkpoint import CHECKPOINT_ATTR, RESUMED_ATTR
-from autodrop.study import FINISHED_STATES
-from autodrop.workers import WORKER_ATTR
+from autodrop.run import records
+from autodrop.run.study import FINISHED_STATES
 
 from .scaling_helpers import autodrop_env, search_args, start, stop_all, wait_for
 
@@ -39,7 +38,7 @@ def _trials(url: str, name: str = "scale") -> list[optuna.trial.FrozenTrial]:
 def _summary(trials: list[optuna.trial.FrozenTrial]) -> str:
     return json.dumps([
         {"n": t.number, "state": t.state.name, "retry_of": t.system_attrs.get("failed_trial"),
-         "resumed_at": t.user_attrs.get(RESUMED_ATTR), "steps": sorted(t.intermediate_values)}
+         "resumed_at": t.user_attrs.get(records.RESUMED_AT), "steps": sorted(t.intermediate_values)}
         for t in trials
     ])
 
@@ -67,7 +66,7 @@ def test_three_workers_end_with_exactly_n_finished_trials(postgres_url: str, tin
         # The report reads the study while the workers write to it.
         wait_for(lambda: any(t.state == TrialState.COMPLETE for t in _trials(postgres_url)), timeout=240,
                  what="a first finished trial")
-        from autodrop.report import load_results
+        from autodrop.outputs.results import load_results
 
         live = load_results("scale", postgres_url)
         assert 1 <= live.n_finished <= n_trials
@@ -81,7 +80,7 @@ def test_three_workers_end_with_exactly_n_finished_trials(postgres_url: str, tin
     assert len(finished) == n_trials, _summary(trials)
     assert len({t.number for t in trials}) == len(trials)
     # Three processes shared the work.
-    assert len({t.user_attrs[WORKER_ATTR] for t in finished}) == 3, _summary(trials)
+    assert len({t.user_attrs[records.WORKER] for t in finished}) == 3, _summary(trials)
     assert "Stored as study 'scale'" in log.read_text()
 
 
@@ -101,7 +100,7 @@ def test_killed_worker_trial_is_resumed_by_another_worker(postgres_url: str, tin
             return None
 
         killed = wait_for(victim, timeout=240, what="a trial in the middle of its epochs", step=0.05)
-        pid = int(killed.user_attrs[WORKER_ATTR].rsplit(":", 1)[1])
+        pid = int(killed.user_attrs[records.WORKER].rsplit(":", 1)[1])
         by_pid = {w.pid: w for w in workers}
         assert pid in by_pid
         by_pid[pid].send_signal(signal.SIGKILL)
@@ -119,16 +118,16 @@ def test_killed_worker_trial_is_resumed_by_another_worker(postgres_url: str, tin
     retry = retries[0]
     assert retry.state in FINISHED_STATES
     assert retry.params == killed.params
-    assert retry.user_attrs[RESUMED_ATTR] > 1  # resumed from its checkpoint, not from scratch
-    assert retry.user_attrs[WORKER_ATTR] != killed.user_attrs[WORKER_ATTR]
+    assert retry.user_attrs[records.RESUMED_AT] > 1  # resumed from its checkpoint, not from scratch
+    assert retry.user_attrs[records.WORKER] != killed.user_attrs[records.WORKER]
     assert sorted(retry.intermediate_values) == list(range(1, epochs + 1))  # every step, each once
-    assert not Path(retry.user_attrs[CHECKPOINT_ATTR]).exists()  # cleaned up once finished
+    assert not Path(retry.user_attrs[records.CHECKPOINT]).exists()  # cleaned up once finished
     finished = {t.number for t in trials if t.state in FINISHED_STATES}
     assert len(finished) == n_trials, _summary(trials)
     assert finished_before_kill <= finished  # no finished trial lost
     print(f"\nkill test (PostgreSQL): 1 kill, trial {killed.number} killed after epoch "
           f"{killed.user_attrs['epochs_run']}, retried as trial {retry.number} resuming at epoch "
-          f"{retry.user_attrs[RESUMED_ATTR]}; {len(finished)} finished, "
+          f"{retry.user_attrs[records.RESUMED_AT]}; {len(finished)} finished, "
           f"{sum(t.state == TrialState.FAIL for t in trials)} failed, 0 lost")
 
 
@@ -164,11 +163,11 @@ def test_killed_packed_workers_members_are_retried_by_another_worker(postgres_ur
                        if t.state == TrialState.RUNNING and 1 <= t.user_attrs.get("epochs_run", 0) < epochs - 1]
             by_worker: dict[str, list] = {}
             for t in running:
-                by_worker.setdefault(t.user_attrs[WORKER_ATTR], []).append(t)
+                by_worker.setdefault(t.user_attrs[records.WORKER], []).append(t)
             return next((pack for pack in by_worker.values() if len(pack) == 2), [])
 
         killed = wait_for(victims, timeout=240, what="a pack of two in the middle of its epochs", step=0.05)
-        pid = int(killed[0].user_attrs[WORKER_ATTR].rsplit(":", 1)[1])
+        pid = int(killed[0].user_attrs[records.WORKER].rsplit(":", 1)[1])
         by_pid = {w.pid: w for w in workers}
         by_pid[pid].send_signal(signal.SIGKILL)
         finished_before_kill = {t.number for t in _trials(postgres_url) if t.state in FINISHED_STATES}
@@ -185,7 +184,7 @@ def test_killed_packed_workers_members_are_retried_by_another_worker(postgres_ur
         assert {t.number: t for t in trials}[member.number].state == TrialState.FAIL
         retry = next(t for t in trials if t.system_attrs.get("failed_trial") == member.number)
         assert retry.state in FINISHED_STATES and retry.params == member.params
-        assert retry.user_attrs[WORKER_ATTR] != member.user_attrs[WORKER_ATTR]
+        assert retry.user_attrs[records.WORKER] != member.user_attrs[records.WORKER]
         if retry.state == TrialState.COMPLETE:  # packed members start again from their first epoch
             assert sorted(retry.intermediate_values) == list(range(1, epochs + 1))
     print(f"\npacked kill test (PostgreSQL): trials {[t.number for t in killed]} killed together, both retried "

@@ -12,10 +12,9 @@ import pytest
 from click.testing import CliRunner
 from optuna.trial import TrialState
 
-from autodrop.checkpoint import RESUMED_ATTR
 from autodrop.cli import main
-from autodrop.study import FINISHED_STATES
-from autodrop.workers import FAIL_REASON_ATTR
+from autodrop.run import records
+from autodrop.run.study import FINISHED_STATES
 
 from .scaling_helpers import run_to_end, search_args, start, stop_all, wait_for
 
@@ -83,7 +82,7 @@ def test_killed_and_rerun_search_ends_with_exactly_n_finished_trials(tiny_images
     trials = _trials(url)
     finished = _finished(trials)
     retries = [t for t in trials if "failed_trial" in t.system_attrs]
-    resumed = [t for t in retries if t.user_attrs.get(RESUMED_ATTR, 1) > 1]
+    resumed = [t for t in retries if t.user_attrs.get(records.RESUMED_AT, 1) > 1]
     print(f"\nkill-and-rerun (SQLite): {n_kills} kills, {len(retries)} retries "
           f"({len(resumed)} resumed from a checkpoint), {len(finished)} finished, "
           f"{sum(t.state == TrialState.FAIL for t in trials)} failed, {len(finished_before - finished)} lost")
@@ -118,7 +117,7 @@ def test_ctrl_c_fails_the_running_trial_and_the_same_command_resumes_it(tiny_ima
     trials = _trials(url)
     stopped = trials[running.number]
     assert stopped.state == TrialState.FAIL
-    assert stopped.user_attrs[FAIL_REASON_ATTR] == "interrupted by SIGINT"
+    assert stopped.user_attrs[records.FAIL_REASON] == "interrupted by SIGINT"
     assert not [t for t in trials if t.state == TrialState.RUNNING]  # the storage is consistent
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == stopped.number)
     assert retry.state == TrialState.WAITING
@@ -127,8 +126,8 @@ def test_ctrl_c_fails_the_running_trial_and_the_same_command_resumes_it(tiny_ima
     trials = _trials(url)
     retry = trials[retry.number]
     assert retry.state in FINISHED_STATES
-    assert retry.user_attrs[RESUMED_ATTR] >= 3  # after the two (or more) epochs already done
-    assert retry.user_attrs[FAIL_REASON_ATTR] is None
+    assert retry.user_attrs[records.RESUMED_AT] >= 3  # after the two (or more) epochs already done
+    assert retry.user_attrs[records.FAIL_REASON] is None
     assert sorted(retry.intermediate_values) == list(range(1, epochs + 1))
     assert len(_finished(trials)) == n_trials
 
@@ -151,7 +150,7 @@ def test_sigterm_stops_local_workers_cleanly_and_a_rerun_finishes(tiny_images: P
     assert not [t for t in trials if t.state == TrialState.RUNNING], [(t.number, t.state) for t in trials]
     for t in trials:
         if t.state == TrialState.FAIL:
-            assert t.user_attrs[FAIL_REASON_ATTR] == "interrupted by SIGTERM"
+            assert t.user_attrs[records.FAIL_REASON] == "interrupted by SIGTERM"
     finished_before = _finished(trials)
 
     run_to_end(args, log, timeout=400)
@@ -178,7 +177,7 @@ def test_ctrl_c_requeues_every_member_of_a_pack_and_a_rerun_finishes(tiny_images
     trials = _trials(url)
     stopped = [t for t in trials if t.state == TrialState.FAIL]
     assert len(stopped) == 3 and not [t for t in trials if t.state == TrialState.RUNNING]
-    assert all(t.user_attrs[FAIL_REASON_ATTR] == "interrupted by SIGINT" for t in stopped)
+    assert all(t.user_attrs[records.FAIL_REASON] == "interrupted by SIGINT" for t in stopped)
     retries = [t for t in trials if t.system_attrs.get("failed_trial") in {s.number for s in stopped}]
     assert len(retries) == 3 and all(t.state == TrialState.WAITING for t in retries)
 

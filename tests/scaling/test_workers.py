@@ -14,11 +14,13 @@ import pytest
 from optuna.trial import TrialState
 
 from autodrop.errors import ConfigError
-from autodrop.locking import StorageLock
-from autodrop.study import FINISHED_STATES, heartbeat_settings, open_storage
-from autodrop.workers import FAIL_REASON_ATTR, Interrupted, critical, entering_last_epoch, run_trials
+from autodrop.run import records
+from autodrop.run.locking import StorageLock
+from autodrop.run.signals import Interrupted, critical
+from autodrop.run.storage import heartbeat_settings, open_storage
+from autodrop.run.study import FINISHED_STATES
 
-from .scaling_helpers import racing_worker
+from .scaling_helpers import racing_worker, run_objective
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +38,7 @@ def _study(tmp_path: Path, name: str = "loop") -> tuple[optuna.Study, object, st
 
 
 def _run(study: optuna.Study, storage: object, url: str, objective, n_trials: int, **kwargs) -> None:
-    run_trials(study, storage, objective, n_trials=n_trials, lock=StorageLock(url, f"admit:{study.study_name}"), **kwargs)
+    run_objective(study, storage, url, objective, n_trials, **kwargs)
 
 
 def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -66,7 +68,7 @@ def test_stop_signal_fails_running_trial_with_reason_and_queues_its_retry(tmp_pa
     assert stopped.value.exit_code == 130
     failed, retry = study.trials
     assert failed.state == TrialState.FAIL
-    assert failed.user_attrs[FAIL_REASON_ATTR] == "interrupted by SIGINT"
+    assert failed.user_attrs[records.FAIL_REASON] == "interrupted by SIGINT"
     assert retry.state == TrialState.WAITING
     assert retry.system_attrs["failed_trial"] == failed.number
     assert retry.params == failed.params
@@ -88,7 +90,7 @@ def test_rerun_after_stop_signal_runs_the_queued_retry_first(tmp_path: Path) -> 
     seen: list[dict] = []
 
     def objective(trial: optuna.Trial) -> float:
-        seen.append({"number": trial.number, "fail_reason": trial.user_attrs.get(FAIL_REASON_ATTR)})
+        seen.append({"number": trial.number, "fail_reason": trial.user_attrs.get(records.FAIL_REASON)})
         return trial.suggest_float("x", 0, 1)
 
     _run(study, storage, url, objective, 2)
@@ -101,13 +103,12 @@ def test_stop_signal_in_last_epoch_lets_the_trial_finish(tmp_path: Path) -> None
     study, storage, url = _study(tmp_path)
 
     def objective(trial: optuna.Trial) -> float:
-        entering_last_epoch()
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.2)
         return trial.suggest_float("x", 0, 1)
 
     with pytest.raises(Interrupted) as stopped:
-        _run(study, storage, url, objective, 3)
+        _run(study, storage, url, objective, 3, last_step=True)
     assert stopped.value.exit_code == 143
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]  # finished, and no new one started
 
@@ -116,7 +117,6 @@ def test_second_stop_signal_stops_even_the_last_epoch(tmp_path: Path) -> None:
     study, storage, url = _study(tmp_path)
 
     def objective(trial: optuna.Trial) -> float:
-        entering_last_epoch()
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.7)  # longer than one signal delivered twice
         os.kill(os.getpid(), signal.SIGINT)
@@ -124,7 +124,7 @@ def test_second_stop_signal_stops_even_the_last_epoch(tmp_path: Path) -> None:
         return 1.0
 
     with pytest.raises(Interrupted):
-        _run(study, storage, url, objective, 3)
+        _run(study, storage, url, objective, 3, last_step=True)
     assert study.trials[0].state == TrialState.FAIL
 
 
@@ -214,7 +214,7 @@ def test_failed_trials_do_not_count_and_errors_outside_catch_propagate(tmp_path:
 
     _run(study, storage, url, objective, 2, catch=(ValueError,))
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
-    assert study.trials[0].user_attrs[FAIL_REASON_ATTR] == "ValueError: bad luck"
+    assert study.trials[0].user_attrs[records.FAIL_REASON] == "ValueError: bad luck"
 
     def broken(trial: optuna.Trial) -> float:
         raise RuntimeError("bug")
@@ -227,7 +227,7 @@ def test_failed_trials_do_not_count_and_errors_outside_catch_propagate(tmp_path:
 def test_sqlite_lock_keeps_a_second_holder_waiting(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'lock.db'}"
     first, second = StorageLock(url, "a"), StorageLock(url, "a")
-    assert first.kind == "sqlite-file"
+    assert first.mechanism == "sqlite-file"
     events: list[str] = []
     held = threading.Event()
 
@@ -247,9 +247,9 @@ def test_sqlite_lock_keeps_a_second_holder_waiting(tmp_path: Path) -> None:
 
 
 def test_in_memory_storage_uses_a_lock_within_the_process() -> None:
-    assert StorageLock("sqlite://", "a").kind == "process"
-    assert StorageLock("sqlite:///:memory:", "a").kind == "process"
-    assert StorageLock("postgresql+psycopg://u@h/db", "a").kind == "postgresql"
+    assert StorageLock("sqlite://", "a").mechanism == "process"
+    assert StorageLock("sqlite:///:memory:", "a").mechanism == "process"
+    assert StorageLock("postgresql+psycopg://u@h/db", "a").mechanism == "postgresql"
 
 
 def test_heartbeat_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,338 @@
+"""The study's stored record: every key autodrop writes to storage, and the one way to read it back.
+
+A study in shared storage is data anyone with access can edit, so every reader (report, the page,
+export, confirm, a resuming search) goes through :func:`read_study` and :func:`read_trials`, which
+check each value is one autodrop writes and return typed records; nothing read here is executed,
+imported or followed as a path by this module.
+
+Stored names (kept as they are, so studies already written stay readable):
+
+- study user attributes: ``autodrop.config`` (the trial settings), ``autodrop.data``,
+  ``autodrop.sites``, ``autodrop.confirmation``, ``autodrop.artifact_dir``, ``autodrop.normaliser``;
+- trial parameters: ``SITE`` (off/on), ``SITE.p`` (rate), ``SITE.kind`` (dropout kind: element or
+  channel) and ``SITE.order`` (the slot, written "order" before it was called a slot);
+- trial user attributes: the names below.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from optuna.trial import FrozenTrial, TrialState
+
+from autodrop.config import DROPOUT_KINDS, SLOTS, SearchConfig, config_from_options, config_to_options, option_name
+from autodrop.errors import AutodropError, StorageError
+
+# --- study user attributes ----------------------------------------------------------------------
+SETTINGS_KEY = "autodrop.config"
+DATA_KEY = "autodrop.data"
+SITES_KEY = "autodrop.sites"
+CONFIRMATION_KEY = "autodrop.confirmation"
+ARTIFACT_DIR_KEY = "autodrop.artifact_dir"
+NORMALISER_KEY = "autodrop.normaliser"  # per channel: x * scale + shift on 0..255 pixels
+
+# --- trial user attributes ----------------------------------------------------------------------
+SEED = "seed"  # the trial's seed: initial weights, batch order, dropout masks
+BASELINE = "baseline"  # the recipe's name, on a baseline trial
+FAIL_REASON = "fail_reason"
+WORKER = "worker"  # host:pid of the worker running the trial
+PACKED = "packed"  # the trial trains as a member of a pack (no checkpoint)
+CHECKPOINT = "checkpoint"  # the checkpoint file's path (checked, never followed: run/checkpoints.py)
+RESUMED_AT = "resumed_at_epoch"  # on a retry: the first epoch it trained itself
+TRAIN_ACCURACY, TRAIN_LOSS, VAL_LOSS, GAP = "train_accuracy", "train_loss", "val_loss", "gap"
+EPOCHS_RUN = "epochs_run"
+PRUNED_REASON = "pruned_reason"
+# --- trial system attributes (Optuna's retry callback writes it) ---------------------------------
+FAILED_TRIAL = "failed_trial"
+
+# --- trial parameters ---------------------------------------------------------------------------
+OFF, ON = "off", "on"
+
+
+def rate_param(site: str) -> str:
+    """Return the name of the parameter holding ``site``'s rate."""
+    return f"{site}.p"
+
+
+def dropout_param(site: str) -> str:
+    """Return the name of the parameter holding ``site``'s dropout kind (element or channel)."""
+    return f"{site}.kind"
+
+
+def slot_param(site: str) -> str:
+    """Return the name of the parameter holding ``site``'s slot relative to batch norm."""
+    return f"{site}.order"
+
+
+# Settings that change what a trial's number means; the rest (trials, timeout, device, pruner,
+# workers...) may differ between runs of one study.
+TRIAL_SETTINGS = (
+    "data", "image-size", "channels", "val-fraction", "train-per-class",
+    "model", "model-args", "epochs", "batch-size", "lr", "rate-range", "kinds", "slots", "schedule", "seed",
+)
+METRIC_NAME = "val_accuracy"
+SITE_KINDS = ("conv", "fc")
+# Built-in site names are identifiers; discovered ones add ":", "#", "@" and "." ("after:conv21#2").
+SITE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:#@]*")
+BASELINE_NAME = re.compile(r"[a-z][a-z0-9-]{0,39}")  # a recipe's name: "none", "everywhere-low"
+STATE_WORDS = {
+    TrialState.COMPLETE: "complete",
+    TrialState.PRUNED: "pruned",
+    TrialState.FAIL: "failed",
+    TrialState.RUNNING: "running",
+    TrialState.WAITING: "waiting",
+}
+
+Placement = dict[str, "float | None"]  # site name -> rate, or None where the site is off
+# site name -> {"dropout": "element"|"channel", "slot": "after-act"|"before-bn"}, where chosen
+Variants = dict[str, dict[str, str]]
+
+
+@dataclass(frozen=True)
+class DataRecord:
+    """The data a study was searched on, as recorded when it was made."""
+
+    name: str
+    classes: tuple[str, ...]
+    n_train: int
+    n_val: int
+    channels: int
+    image_size: int
+
+    def to_stored(self) -> dict[str, Any]:
+        return {"name": self.name, "classes": list(self.classes), "n_train": self.n_train, "n_val": self.n_val,
+                "channels": self.channels, "image_size": self.image_size}
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """A study as autodrop made it: its settings, data and sites, each checked."""
+
+    name: str
+    config: SearchConfig  # the trial settings; the study and storage fields are left at their defaults
+    data: DataRecord
+    sites: dict[str, str]  # site -> "conv" or "fc", in forward order
+    confirmation: dict[str, Any] | None  # as autodrop confirm stored it
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The trial settings as flat option names (for display)."""
+        options = config_to_options(self.config)
+        return {key: options[key] for key in TRIAL_SETTINGS}
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as stored, checked: its placement, figures and role."""
+
+    number: int
+    state: str  # complete, pruned, failed, running or waiting
+    placement: Placement
+    variants: Variants = field(default_factory=dict)
+    val_accuracy: float | None = None  # the objective for a complete trial, else its last reported epoch
+    train_accuracy: float | None = None
+    baseline: str | None = None  # the recipe's name, for baseline trials
+    seed: int | None = None
+    curve: dict[int, float] = field(default_factory=dict, repr=False)  # validation accuracy per epoch
+
+    @property
+    def gap(self) -> float | None:
+        if self.val_accuracy is None or self.train_accuracy is None:
+            return None
+        return self.train_accuracy - self.val_accuracy
+
+    @property
+    def description(self) -> str:
+        """The placement in words: ``"conv2 at 0.31 (channel), fc1 at 0.52"`` or ``"no dropout"``."""
+        return describe_placement(self.placement, self.variants)
+
+
+def rank_key(number: int, val_accuracy: float) -> tuple[float, int]:
+    """Return the key completed trials are ranked by: higher accuracy first, an earlier trial first
+    on a tie. The one rule for "the best trial" (report, export, confirm, the weights kept)."""
+    return (-val_accuracy, number)
+
+
+def best_trial(trials: Iterable[TrialRecord]) -> TrialRecord | None:
+    """Return the best completed trial, or None when none has completed."""
+    complete = [t for t in trials if t.state == "complete" and t.val_accuracy is not None]
+    return min(complete, key=lambda t: rank_key(t.number, t.val_accuracy), default=None)  # type: ignore[arg-type]
+
+
+def describe_placement(placement: Mapping[str, float | None], variants: Mapping[str, Mapping[str, str]] | None = None) -> str:
+    """Return a placement in words: ``"conv2 at 0.31 (channel), fc1 at 0.52"`` or ``"no dropout"``."""
+    variants = variants or {}
+    on = []
+    for site, rate in placement.items():
+        if rate is None:
+            continue
+        variant = variants.get(site, {})
+        notes = []
+        if variant.get("dropout", DROPOUT_KINDS[0]) != DROPOUT_KINDS[0]:
+            notes.append(variant["dropout"])
+        if variant.get("slot", SLOTS[0]) != SLOTS[0]:
+            notes.append(variant["slot"])
+        on.append(f"{site} at {rate:.2f}" + (f" ({', '.join(notes)})" if notes else ""))
+    return ", ".join(on) if on else "no dropout"
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def stored_settings(study: Any) -> dict[str, Any] | None:
+    """Return the study's stored trial settings under today's option names, or None if it has none."""
+    stored = study.user_attrs.get(SETTINGS_KEY)
+    if stored is None:
+        return None
+    if not isinstance(stored, dict):
+        raise StorageError(f"study {study.study_name!r} holds settings autodrop does not write ({SETTINGS_KEY}).")
+    return {option_name(key): value for key, value in stored.items()}
+
+
+def read_study(study: Any) -> StudyRecord:
+    """Return the study's settings, data and sites, refusing anything autodrop would not write."""
+    name = study.study_name
+    stored = stored_settings(study)
+    if stored is None or SITES_KEY not in study.user_attrs:
+        raise StorageError(f"study {name!r} was not made by autodrop search (it has no drop sites).")
+    unknown = sorted(set(stored) - set(TRIAL_SETTINGS))
+    if unknown:
+        raise StorageError(f"study {name!r} holds settings autodrop does not write: {unknown}.")
+    try:
+        config = config_from_options(stored)
+    except (AutodropError, TypeError, ValueError) as e:
+        raise StorageError(f"study {name!r} holds settings autodrop does not write: {e}") from e
+    data = _read_data(study, config)
+    sites = study.user_attrs.get(SITES_KEY)
+    if not (
+        isinstance(sites, dict) and sites
+        and all(isinstance(s, str) and SITE_NAME.fullmatch(s) and k in SITE_KINDS for s, k in sites.items())
+    ):
+        raise StorageError(f"study {name!r} holds drop sites autodrop does not write ({SITES_KEY}={sites!r}).")
+    confirmation = study.user_attrs.get(CONFIRMATION_KEY)
+    if confirmation is not None and not isinstance(confirmation, dict):
+        raise StorageError(f"study {name!r} holds a confirmation autodrop does not write.")
+    return StudyRecord(name, config, data, dict(sites), confirmation)
+
+
+def _read_data(study: Any, config: SearchConfig) -> DataRecord:
+    data = study.user_attrs.get(DATA_KEY)
+    bad = StorageError(f"study {study.study_name!r} holds a data record autodrop does not write ({DATA_KEY}={data!r}).")
+    if not isinstance(data, dict):
+        raise bad
+    classes, channels, image_size = data.get("classes"), data.get("channels"), data.get("image_size")
+    n_train, n_val, data_name = data.get("n_train"), data.get("n_val"), data.get("name")
+    if not (
+        isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)
+        and _is_int(channels) and channels in (1, 3)
+        and _is_int(image_size) and image_size == config.data.image_size
+        and (config.data.channels is None or channels == config.data.channels)
+        and _is_int(n_train) and n_train >= 1 and _is_int(n_val) and n_val >= 1
+        and isinstance(data_name, str)
+    ):
+        raise bad
+    return DataRecord(data_name, tuple(classes), n_train, n_val, channels, image_size)
+
+
+def read_trials(study: Any, record: StudyRecord, trials: Iterable[FrozenTrial] | None = None) -> list[TrialRecord]:
+    """Return every trial of ``study`` (or ``trials`` of it) as a checked record."""
+    if trials is None:
+        trials = study.get_trials(deepcopy=False)
+    return [read_trial(record, t) for t in trials]
+
+
+def read_trial(record: StudyRecord, trial: FrozenTrial) -> TrialRecord:
+    """Return one trial as a checked record; raise StorageError for values autodrop does not write."""
+    where = f"trial {trial.number} of study {record.name!r}"
+    sites = list(record.sites)
+    params = trial.params
+    allowed = set(sites) | {param(s) for s in sites for param in (rate_param, dropout_param, slot_param)}
+    extra = sorted(set(params) - allowed)
+    if extra:
+        raise StorageError(f"{where} has parameters that are not drop sites: {extra}.")
+    placement = placement_from_params(params, sites, record.config.rate_range, where=where)
+    variants = variants_from_params(params, sites, where=where)
+    curve: dict[int, float] = {}
+    for step, value in trial.intermediate_values.items():
+        if not (_is_int(step) and _is_accuracy(value)):
+            raise StorageError(f"{where} has a reported value that is not an accuracy: step {step!r}, {value!r}.")
+        curve[int(step)] = float(value)
+    if trial.state == TrialState.COMPLETE:
+        if not _is_accuracy(trial.value):
+            raise StorageError(f"{where} has a value that is not an accuracy: {trial.value!r}.")
+        value: float | None = float(trial.value)  # type: ignore[arg-type]
+    else:
+        value = curve[max(curve)] if curve else None
+    attrs = trial.user_attrs
+    train_accuracy = attrs.get(TRAIN_ACCURACY)
+    baseline = attrs.get(BASELINE)
+    if baseline is not None and not (isinstance(baseline, str) and BASELINE_NAME.fullmatch(baseline)):
+        raise StorageError(f"{where} has a baseline name autodrop does not write: {baseline!r}.")
+    seed = attrs.get(SEED)
+    if seed is not None and not (_is_int(seed) and 0 <= seed < 2**63):
+        raise StorageError(f"{where} has a seed autodrop does not write: {seed!r}.")
+    return TrialRecord(
+        number=trial.number,
+        state=STATE_WORDS[trial.state],
+        placement=placement,
+        variants=variants,
+        val_accuracy=value,
+        train_accuracy=float(train_accuracy) if _is_accuracy(train_accuracy) else None,
+        baseline=baseline,
+        seed=seed,
+        curve=curve,
+    )
+
+
+def placement_from_params(
+    params: Mapping[str, Any], sites: list[str], rate_range: tuple[float, float] = (0.0, 1.0), *, where: str = "a trial"
+) -> Placement:
+    """Return the placement a trial's parameters encode, checking they are well formed."""
+    low, high = rate_range
+    placement: Placement = {}
+    for site in sites:
+        state = params.get(site, OFF)
+        if state == OFF:
+            placement[site] = None
+            continue
+        rate = params.get(rate_param(site))
+        if state != ON or not _is_number(rate) or not 0.0 <= rate < 1.0 or not low - 1e-9 <= rate <= high + 1e-9:
+            raise StorageError(
+                f"{where} has stored parameters for site {site!r} that are not a placement autodrop writes "
+                f"({site}={state!r}, {rate_param(site)}={rate!r}; rates lie in {low}..{high})."
+            )
+        placement[site] = float(rate)
+    return placement
+
+
+def variants_from_params(params: Mapping[str, Any], sites: list[str], *, where: str = "a trial") -> Variants:
+    """Return the dropout kinds and slots a trial's parameters encode, checking they are known values."""
+    variants: Variants = {}
+    for site in sites:
+        variant = {}
+        for key, param, allowed in (("dropout", dropout_param(site), DROPOUT_KINDS), ("slot", slot_param(site), SLOTS)):
+            if param in params:
+                if params[param] not in allowed:
+                    raise StorageError(
+                        f"{where} has stored parameter {param}={params[param]!r}, which is not one autodrop writes "
+                        f"(expected one of {', '.join(allowed)})."
+                    )
+                variant[key] = params[param]
+        if variant:
+            variants[site] = variant
+    return variants
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_accuracy(value: Any) -> bool:
+    return _is_number(value) and 0.0 <= value <= 1.0

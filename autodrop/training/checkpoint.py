@@ -1,0 +1,80 @@
+"""The checkpoint file of a running trial: all it takes to go on after a finished epoch.
+
+The file is written whole or not at all (written aside, then renamed), so a worker killed while
+writing leaves the previous epoch's checkpoint intact. Which file belongs to which trial, and when
+a retry may use it, is the search's business (autodrop/run/checkpoints.py).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from autodrop.errors import AutodropWarning
+from autodrop.training.loop import EpochMetrics, TrainingState
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: Path, state: TrainingState) -> None:
+    """Write ``state`` to ``path`` atomically (a reader sees the old file or the new one)."""
+    payload = {
+        "format": FORMAT_VERSION,
+        "metrics": asdict(state.metrics),
+        "model": state.model,
+        "optimizer": state.optimizer,
+        "batch_rng": state.batch_rng,
+        "dropout_rng": state.dropout_rng,
+        "cuda_rng": state.cuda_rng,
+    }
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    for attempt in (1, 2):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.save(payload, partial)
+            os.replace(partial, path)
+            return
+        except FileNotFoundError:
+            # Another worker removed the emptied folder between mkdir and save: make it again.
+            partial.unlink(missing_ok=True)
+            if attempt == 2:
+                raise
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+
+def load_checkpoint(path: Path, device: torch.device) -> TrainingState | None:
+    """Return the state saved at ``path``, or None (with a warning) if it is missing or unreadable."""
+    if not path.exists():
+        warnings.warn(
+            f"checkpoint {str(path)!r} of a retried trial is not on this machine; the trial starts over from "
+            "epoch 1. Put --checkpoint-dir on a filesystem every worker shares to resume across machines.",
+            AutodropWarning,
+            stacklevel=2,
+        )
+        return None
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+        if payload.get("format") != FORMAT_VERSION:
+            raise ValueError(f"format {payload.get('format')!r}, expected {FORMAT_VERSION}")
+        return TrainingState(
+            metrics=EpochMetrics(**payload["metrics"]),
+            model=payload["model"],
+            optimizer=payload["optimizer"],
+            # Generator states are CPU byte tensors whatever the device.
+            batch_rng=payload["batch_rng"].cpu(),
+            dropout_rng=payload["dropout_rng"].cpu(),
+            cuda_rng=None if payload["cuda_rng"] is None else payload["cuda_rng"].cpu(),
+        )
+    except Exception as e:  # a truncated or foreign file: starting over is always safe
+        warnings.warn(
+            f"checkpoint {str(path)!r} cannot be read ({e}); the retried trial starts over from epoch 1.",
+            AutodropWarning,
+            stacklevel=2,
+        )
+        return None

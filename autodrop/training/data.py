@@ -1,0 +1,281 @@
+"""Images in, uint8 tensors out: decoded once, split once, then batched by indexing.
+
+Every trial of a search reuses the same :class:`ImageData`; nothing here runs per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from autodrop.config import DataConfig
+from autodrop.errors import AutodropWarning, DataError
+from autodrop.nets.shape import ModelShape
+from autodrop.training import cache
+
+BUILTIN_DATASETS = ("digits",)
+# Splits and subsets use this seed whatever the search's seed, so that every search (and every
+# confirmation run) of one dataset is judged on the same validation images.
+SPLIT_SEED = 0
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """A dataset ready for training: uint8 images (N, C, H, W) and int64 labels, per split."""
+
+    name: str
+    classes: tuple[str, ...]
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+
+    @property
+    def channels(self) -> int:
+        return int(self.train_images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_images.shape[-1])
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def shape(self) -> ModelShape:
+        """What a network must fit to train on these images."""
+        return ModelShape(self.channels, self.n_classes, self.image_size)
+
+    def to(self, device: torch.device | str) -> "ImageData":
+        """Return the same data on ``device`` (still uint8: a quarter of float32's memory)."""
+        return replace(
+            self,
+            train_images=self.train_images.to(device),
+            train_labels=self.train_labels.to(device),
+            val_images=self.val_images.to(device),
+            val_labels=self.val_labels.to(device),
+        )
+
+
+def load_data(config: DataConfig) -> ImageData:
+    """Return the images that ``config`` names, decoded, resized and split."""
+    if config.source in BUILTIN_DATASETS:
+        images, labels, classes = _load_digits(config.image_size)
+        data = _split(config.source, images, labels, classes, config.val_fraction)
+    else:
+        data = _load_folder(config)
+    if config.channels is not None and config.channels != data.channels:
+        data = replace(
+            data,
+            train_images=_to_channels(data.train_images, config.channels),
+            val_images=_to_channels(data.val_images, config.channels),
+        )
+    if config.train_per_class is not None:
+        data = _keep_per_class(data, config.train_per_class)
+    return data
+
+
+def _load_digits(image_size: int) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """scikit-learn's bundled 8x8 handwritten digits (no download), upscaled to image_size."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Pixel values run 0..16; stretch them to the 0..255 of an 8-bit image.
+    pixels = torch.from_numpy(digits.images).float().mul_(255.0 / 16.0).unsqueeze(1)
+    if image_size != pixels.shape[-1]:
+        pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = pixels.round_().clamp_(0, 255).to(torch.uint8)
+    labels = torch.from_numpy(digits.target).long()
+    return images, labels, tuple(str(d) for d in range(10))
+
+
+def _split(
+    name: str, images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...], val_fraction: float
+) -> ImageData:
+    """Split stratified by class with the fixed SPLIT_SEED, after checking every class can be split."""
+    from sklearn.model_selection import train_test_split
+
+    counts = Counter(labels.tolist())
+    n = len(labels)
+    n_val = math.ceil(val_fraction * n)
+    smallest = min(range(len(classes)), key=lambda c: counts[c])
+    if counts[smallest] < 2:
+        raise DataError(
+            f"class {classes[smallest]!r} has {counts[smallest]} readable image(s); each class needs "
+            "at least 2 (one to train on, one to validate)."
+        )
+    if n_val < len(classes) or n - n_val < len(classes):
+        raise DataError(
+            f"{n} images cannot be split with --val-fraction {val_fraction} so that each of the "
+            f"{len(classes)} classes has images on both sides; add images or change --val-fraction."
+        )
+    train_idx, val_idx = train_test_split(
+        np.arange(n), test_size=val_fraction, stratify=labels.numpy(), random_state=SPLIT_SEED
+    )
+    train_idx, val_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(val_idx))
+    return ImageData(name, classes, images[train_idx], labels[train_idx], images[val_idx], labels[val_idx])
+
+
+def _load_folder(config: DataConfig) -> ImageData:
+    root = Path(config.source).expanduser()
+    if not root.exists():
+        raise DataError(
+            f"--data {config.source!r} does not exist; give a folder of class subfolders, or one of: "
+            f"{', '.join(BUILTIN_DATASETS)}."
+        )
+    if not root.is_dir():
+        raise DataError(f"--data {config.source!r} is a file; give a folder with one subfolder per class.")
+    name = root.resolve().name
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train_files, classes = _list_classes(root / "train")
+        val_files, val_classes = _list_classes(root / "val")
+        extra = sorted(set(val_classes) - set(classes))
+        if extra:
+            raise DataError(f"{root / 'val'} has classes {extra} that {root / 'train'} lacks.")
+        (train_images, train_labels), (val_images, val_labels) = _decode_groups(
+            root, [train_files, val_files], classes, config
+        )
+        _require_usable(root / "train", train_labels, classes)
+        if len(val_labels) == 0:
+            raise DataError(f"{root / 'val'} holds no readable images.")
+        return ImageData(name, tuple(classes), train_images, train_labels, val_images, val_labels)
+    files, classes = _list_classes(root)
+    ((images, labels),) = _decode_groups(root, [files], classes, config)
+    _require_usable(root, labels, classes)
+    return _split(name, images, labels, tuple(classes), config.val_fraction)
+
+
+def _list_classes(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(
+            f"{str(root)!r} has no class subfolders; put each class's images in a folder of its own "
+            "(e.g. data/cat/1.png, data/dog/2.png)."
+        )
+    files = [
+        (path, class_dir.name)
+        for class_dir in class_dirs
+        for path in sorted(class_dir.rglob("*"))
+        if path.is_file() and not path.name.startswith(".")
+    ]
+    return files, [d.name for d in class_dirs]
+
+
+def _decode_groups(
+    root: Path, groups: list[list[tuple[Path, str]]], classes: list[str], config: DataConfig
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Return (images, labels) for each group of files, decoded once and then read from the cache.
+
+    The channels are picked over all groups together, so train/ and val/ always match.
+    """
+
+    def build() -> dict[str, np.ndarray]:
+        decoded = [_decode_all(files, config) for files in groups]
+        channels = config.channels or _pick_channels([item for group in decoded for item in group])
+        arrays = {}
+        for i, group in enumerate(decoded):
+            images, labels = _stack(group, classes, channels)
+            arrays[f"images{i}"], arrays[f"labels{i}"] = images.numpy(), labels.numpy()
+        return arrays
+
+    settings = {"image_size": config.image_size, "channels": config.channels, "classes": classes}
+    arrays = cache.cached_arrays(root, settings, groups, build)
+    return [
+        (torch.from_numpy(arrays[f"images{i}"]), torch.from_numpy(arrays[f"labels{i}"])) for i in range(len(groups))
+    ]
+
+
+def _decode_all(files: list[tuple[Path, str]], config: DataConfig) -> list[tuple[np.ndarray, str]]:
+    """Decode and resize every file; unreadable ones are skipped with a warning that names them."""
+    decoded = []
+    for path, label in files:
+        try:
+            decoded.append((_decode(path, config.image_size), label))
+        except Exception as e:  # PIL raises many types for broken or non-image files
+            warnings.warn(f"skipping {path}: not a readable image ({type(e).__name__}: {e})", AutodropWarning)
+    return decoded
+
+
+def _decode(path: Path, size: int) -> np.ndarray:
+    """Return the image at ``path`` as an (H, W) gray or (H, W, 3) RGB uint8 array, resized."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()  # decode now, so a truncated file fails here and not later
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            # Deep grayscale: scale to 8 bits by the image's own range rather than clipping.
+            values = np.asarray(image, dtype=np.float32)
+            top = float(values.max()) or 1.0
+            image = Image.fromarray((values * (255.0 / top)).clip(0, 255).astype(np.uint8))
+        elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            # Transparent pixels have arbitrary colour underneath; show them as white.
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba).convert("L" if image.mode == "LA" else "RGB")
+        elif image.mode not in ("L", "RGB"):
+            image = image.convert("L" if image.mode == "1" else "RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(image, dtype=np.uint8).copy()
+
+
+def _pick_channels(decoded: list[tuple[np.ndarray, str]]) -> int:
+    return 1 if all(array.ndim == 2 for array, _ in decoded) else 3
+
+
+def _stack(decoded: list[tuple[np.ndarray, str]], classes: list[str], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    index = {c: i for i, c in enumerate(classes)}
+    size = decoded[0][0].shape[0] if decoded else 1
+    images = np.empty((len(decoded), channels, size, size), dtype=np.uint8)
+    for i, (array, _) in enumerate(decoded):
+        if array.ndim == 2:
+            images[i] = array[None]  # gray broadcasts to every channel
+        elif channels == 1:
+            # ITU-R 601 luma, as PIL's convert("L") computes it.
+            images[i, 0] = (array @ np.array([0.299, 0.587, 0.114])).round().clip(0, 255).astype(np.uint8)
+        else:
+            images[i] = array.transpose(2, 0, 1)
+    labels = np.array([index[label] for _, label in decoded], dtype=np.int64)
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def _require_usable(root: Path, labels: torch.Tensor, classes: list[str]) -> None:
+    if len(labels) == 0:
+        raise DataError(f"{str(root)!r} holds no readable images.")
+    present = set(labels.tolist())
+    if len(present) < 2:
+        raise DataError(
+            f"{str(root)!r} has readable images in only one class ({classes[next(iter(present))]!r}); "
+            "classification needs at least two."
+        )
+
+
+def _to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    if channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images.float() * weights).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _keep_per_class(data: ImageData, per_class: int) -> ImageData:
+    """Keep at most ``per_class`` training images of each class, chosen with the fixed split seed."""
+    generator = torch.Generator().manual_seed(SPLIT_SEED)
+    order = torch.randperm(len(data.train_labels), generator=generator)
+    kept: list[int] = []
+    taken: Counter[int] = Counter()
+    for i in order.tolist():
+        label = int(data.train_labels[i])
+        if taken[label] < per_class:
+            taken[label] += 1
+            kept.append(i)
+    index = torch.tensor(sorted(kept))
+    return replace(data, train_images=data.train_images[index], train_labels=data.train_labels[index])

@@ -1,0 +1,80 @@
+"""Where a trial trains and the switches that make it fast there: device choice, memory layout,
+mixed precision, evaluation chunk size, allocator tuning."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+EVAL_CHUNK = 1024  # images per forward pass when evaluating on a GPU; no gradients, so memory is small
+# On a CPU a chunk's feature maps must fit the cache (benchmarks/README.md shows the cost of a chunk
+# that does not): a CPU chunk holds this many input pixels, 128 images at 32x32, 32 at 64x64.
+CPU_EVAL_PIXELS = 128 * 32 * 32
+
+
+def resolve_device(name: str) -> torch.device:
+    """Return the device ``name`` asks for; ``auto`` picks cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def use_channels_last(device: torch.device) -> bool:
+    """Whether to lay out images and conv weights channels-last on ``device`` (faster on CPU and CUDA)."""
+    return device.type in ("cpu", "cuda")
+
+
+def eval_chunk_size(device: torch.device, image_size: int) -> int:
+    """Return how many ``image_size`` x ``image_size`` images to evaluate per forward pass on ``device``."""
+    if device.type == "cpu":
+        return max(1, CPU_EVAL_PIXELS // (image_size * image_size))
+    return EVAL_CHUNK
+
+
+def autocast_for(device: torch.device) -> Any:
+    """Return the autocast context for ``device``: bf16 on CUDA, none elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def prepare_device(device: torch.device) -> None:
+    """Set the process-wide switches that make training fast on ``device``."""
+    if device.type == "cuda":
+        # Every trial runs the same shapes: let cuDNN pick the fastest kernels once.
+        torch.backends.cudnn.benchmark = True
+    elif device.type == "cpu":
+        _keep_freed_memory()
+
+
+_ALLOCATOR_TUNED = False
+
+
+def _keep_freed_memory() -> None:
+    """Ask glibc to reuse freed activation memory instead of handing it back to the system.
+
+    Every step allocates and frees the same tens of megabytes of activations. By default glibc
+    serves such blocks with mmap and returns them on free, so each step faults every page in
+    again (benchmarks/README.md counts them). Keeping them costs nothing extra at the peak: the
+    process's resident size stays at its high-water mark.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED or not sys.platform.startswith("linux"):
+        return
+    _ALLOCATOR_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
+        libc.mallopt(m_mmap_threshold, 1 << 30)
+        libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
