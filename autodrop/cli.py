@@ -17,6 +17,7 @@ from autodrop import __version__
 from autodrop.config import (
     DEVICES,
     PRUNERS,
+    SAMPLERS,
     SCHEDULES,
     DataConfig,
     SearchConfig,
@@ -35,6 +36,8 @@ _MODEL_HELP = (
 _BUILTIN_HELP = "\b\nBuilt-in models:\n" + "\n".join(
     f"  {name}: {entry.summary}" for name, entry in BUILTIN_MODELS.items()
 )
+_STUDY_HELP = "Study name; default: the storage's only study."
+_STORAGE_HELP = "Optuna storage URL; default: sqlite file ./autodrop.db."
 _MODEL_ARG_HELP = "An argument for your model's constructor, e.g. --model-arg width=16 (repeatable)."
 
 
@@ -83,7 +86,11 @@ def main() -> None:
                    "(--orders is its earlier name).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=TrainConfig.schedule, show_default=True,
               help="Dropout for the whole run, or only its first half ('early dropout').")
-@click.option("--pruner", type=click.Choice(PRUNERS), default=_DEFAULTS.pruner, show_default=True)
+@click.option("--pruner", type=click.Choice(PRUNERS), default=_DEFAULTS.pruner, show_default=True,
+              help="noise: stop a trial only when it is behind the typical trial by more than the validation "
+                   "set's noise, and not before half the epochs.")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=_DEFAULTS.sampler, show_default=True,
+              help="tpe: grouped multivariate TPE; random: random search (a yardstick).")
 @click.option("--image-size", type=int, default=DataConfig.image_size, show_default=True,
               help="Images are resized to this many pixels per side.")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None,
@@ -95,7 +102,7 @@ def main() -> None:
 @click.option("--device", type=click.Choice(DEVICES), default=TrainConfig.device, show_default=True)
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
 @click.option("--study", default=None, help="Study name; default: made from the data and model.")
-@click.option("--storage", default=None, help="Optuna storage URL; default: sqlite file ./autodrop.db.")
+@click.option("--storage", default=None, help=_STORAGE_HELP)
 @click.option("--timeout", type=float, default=None, help="Seconds after which no new trial starts.")
 @click.option("--artifact-dir", default=None,
               help="Folder for the best trials' weights; default: beside the SQLite file, or ./autodrop-artifacts.")
@@ -119,7 +126,8 @@ def search(ctx: click.Context, spec: str | None, quiet: bool, model_arg: tuple[s
     from autodrop.outputs.text import format_result
 
     try:
-        given = {name: value for name, value in options.items() if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
+        given = {name: value for name, value in options.items()
+                 if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
         config = config_from_sources(spec, given, model_arg)
         if create_only:
             from autodrop.run.search import create_study
@@ -152,8 +160,6 @@ def search(ctx: click.Context, spec: str | None, quiet: bool, model_arg: tuple[s
     click.echo(f"Look further: autodrop report {where} --html report.html   (or: autodrop dashboard {where})")
 
 
-_STUDY_HELP = "Study name; default: the storage's only study."
-_STORAGE_HELP = "Optuna storage URL; default: sqlite file ./autodrop.db."
 _ARTIFACT_HELP = "Folder of the kept weights; default: the one the search recorded."
 
 
@@ -226,24 +232,29 @@ def export(study: str | None, storage: str | None, trial: int | None, out: str, 
 
 
 @main.command()
-@click.option("--study", "study_name", default=None, help="The study to confirm; default: the storage's only study.")
-@click.option("--storage", default=None, help="Optuna storage URL; default: sqlite file ./autodrop.db.")
-@click.option("--seeds", type=int, default=5, show_default=True, help="Fresh seeds per placement.")
+@click.option("--study", "study_name", default=None, help=_STUDY_HELP)
+@click.option("--storage", default=None, help=_STORAGE_HELP)
+@click.option("--seeds", type=int, default=None,
+              help="Fresh seeds for every placement; default: add seeds until the lead is decided, settled within "
+                   "1 point, or --max-seeds is reached.")
+@click.option("--max-seeds", type=int, default=10, show_default=True, help="The cap when seeds are added as needed.")
 @click.option("--top", type=int, default=3, show_default=True, help="Best searched placements to retrain.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def confirm(study_name: str | None, storage: str | None, seeds: int, top: int, device: str, quiet: bool) -> None:
+def confirm(study_name: str | None, storage: str | None, seeds: int | None, max_seeds: int, top: int, device: str,
+            quiet: bool) -> None:
     """Retrain the top placements and every baseline with fresh seeds, and test the lead."""
     from autodrop.outputs.text import format_confirmation
 
     def on_run(label: str, seed_index: int) -> None:
         if not quiet:
-            click.echo(f"  training {label}, seed {seed_index + 1}/{seeds}", err=True)
+            click.echo(f"  training {label}, seed {seed_index + 1}", err=True)
 
     try:
         from autodrop.run.confirm import confirm_study
 
-        confirmation = confirm_study(study_name, storage, n_seeds=seeds, top=top, device=device, on_run=on_run)
+        confirmation = confirm_study(study_name, storage, n_seeds=seeds, max_seeds=max_seeds, top=top, device=device,
+                                     on_run=on_run)
     except AutodropError as e:
         raise UserInputError(str(e)) from e
     click.echo(format_confirmation(confirmation.to_dict()))
@@ -273,7 +284,8 @@ def sites(spec: str | None, model: str | None, model_arg: tuple[str, ...], image
         found, shape = list_sites(config, n_classes=classes)
     except AutodropError as e:
         raise UserInputError(str(e)) from e
-    title = f"Model {model_label(config.model)}: input {shape.channels}x{shape.image_size}x{shape.image_size}, {shape.n_classes} classes"
+    size = f"{shape.channels}x{shape.image_size}x{shape.image_size}"
+    title = f"Model {model_label(config.model)}: input {size}, {shape.n_classes} classes"
     click.echo(format_sites(found, title=title))
 
 

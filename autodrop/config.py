@@ -21,7 +21,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
-PRUNERS = ("median", "hyperband", "none")
+PRUNERS = ("noise", "median", "hyperband", "none")
+# Grouped multivariate TPE (models rates that exist only when their site is on), or random search.
+SAMPLERS = ("tpe", "random")
 # What dropout zeroes at a conv site: single activations (nn.Dropout) or whole feature maps
 # (nn.Dropout2d).
 DROPOUT_KINDS = ("element", "channel")
@@ -69,7 +71,8 @@ class SearchConfig:
     rate_range: tuple[float, float] = (0.05, 0.7)  # lowest and highest dropout rate searched
     kinds: tuple[str, ...] = DROPOUT_KINDS  # dropout kinds searched at conv sites
     slots: tuple[str, ...] = SLOTS  # slots searched for conv sites that have a batch norm
-    pruner: str = "median"  # median, hyperband or none
+    pruner: str = "noise"  # noise (prunes only trials clearly behind, late), median, hyperband or none
+    sampler: str = "tpe"  # tpe or random
     seed: int = 0  # seeds the sampler and every trial's weights and batches
     study: str | None = None  # None derives a name from the data and model
     storage: str | None = None  # an Optuna storage URL; None is ./autodrop.db
@@ -149,7 +152,8 @@ def validate(config: SearchConfig) -> SearchConfig:
             f"--devices must list devices such as cuda:0,cuda:1 (or cpu, mps), but got {device!r}.",
         )
     _check(
-        config.workers == 1 or not config.storage_url.startswith("sqlite:") or sqlite_file(config.storage_url) is not None,
+        config.workers == 1 or storage_dialect(config.storage_url) != "sqlite"
+        or sqlite_file(config.storage_url) is not None,
         f"--workers {config.workers} needs a storage every process can open, but {config.storage_url!r} is in "
         "memory; use an SQLite file or PostgreSQL.",
     )
@@ -169,6 +173,7 @@ def validate(config: SearchConfig) -> SearchConfig:
         f"--rate-range must satisfy 0 <= low < high < 1, but got {low} {high}.",
     )
     _check(config.pruner in PRUNERS, f"--pruner must be one of {', '.join(PRUNERS)}, but got {config.pruner!r}.")
+    _check(config.sampler in SAMPLERS, f"--sampler must be one of {', '.join(SAMPLERS)}, but got {config.sampler!r}.")
     _check(
         config.timeout is None or config.timeout > 0,
         f"--timeout must be a positive number of seconds, but got {config.timeout}.",
@@ -182,13 +187,18 @@ def validate(config: SearchConfig) -> SearchConfig:
     return config
 
 
+def storage_dialect(url: str) -> str:
+    """Return the database kind a storage URL names: ``sqlite``, ``postgresql``... (driver left out)."""
+    return url.split(":", 1)[0].split("+", 1)[0].lower()
+
+
 def sqlite_file(url: str) -> Path | None:
     """Return the database file an SQLite URL names, or None for another database or SQLite in memory.
 
-    The one reading of SQLite URLs: ``sqlite:///relative.db``, ``sqlite:////absolute.db``, with or
-    without ``?options``.
+    The one reading of SQLite URLs: ``sqlite:///relative.db``, ``sqlite:////absolute.db``, a driver
+    named (``sqlite+pysqlite:///...``) or not, with or without ``?options``.
     """
-    if not url.startswith("sqlite:") or ":///" not in url:
+    if storage_dialect(url) != "sqlite" or ":///" not in url:
         return None
     rest = url.split(":///", 1)[1].split("?", 1)[0]
     if not rest or rest == ":memory:" or rest.startswith("file:"):
@@ -207,7 +217,7 @@ _DATA_KEYS = {"data": "source", "image-size": "image_size", "channels": "channel
 _TRAIN_KEYS = {"epochs": "epochs", "batch-size": "batch_size", "lr": "lr", "device": "device",
                "schedule": "schedule"}
 _SEARCH_KEYS = {"model": "model", "model-args": "model_args", "trials": "trials", "rate-range": "rate_range", "kinds": "kinds",
-                "slots": "slots", "pruner": "pruner", "seed": "seed", "study": "study", "storage": "storage",
+                "slots": "slots", "pruner": "pruner", "sampler": "sampler", "seed": "seed", "study": "study", "storage": "storage",
                 "timeout": "timeout",
                 "artifact-dir": "artifact_dir",
                 "workers": "workers", "devices": "devices", "checkpoint-dir": "checkpoint_dir", "pack": "pack"}

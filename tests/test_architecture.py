@@ -17,8 +17,8 @@ PACKAGE = ROOT / "autodrop"
 FLOORS = {"config": 0, "errors": 0, "nets": 1, "training": 2, "run": 3, "outputs": 4, "api": 5, "cli": 6,
           "__main__": 6, "__init__": 6}
 NO_OPTUNA_ROOMS = ("nets", "training")
-NO_TORCH_MODULES = ("autodrop.outputs.results", "autodrop.outputs.text", "autodrop.run.records", "autodrop.run.space",
-                    "autodrop.config")
+NO_TORCH_MODULES = ("autodrop.outputs.results", "autodrop.outputs.text", "autodrop.outputs.importance",
+                    "autodrop.run.records", "autodrop.run.space", "autodrop.run.noise", "autodrop.config")
 
 
 def _module_name(path: Path) -> str:

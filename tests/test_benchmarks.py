@@ -35,3 +35,13 @@ def test_search_memory_reports_peaks() -> None:
     lines = _run("benchmarks/search_memory.py", "--images", "400", "--datasets", "synthetic", "--pack", "2")
     assert "pack=2" in lines[0]
     assert lines[-1].startswith("synthetic (400 images):") and "resumed" in lines[-1]
+
+
+@pytest.mark.slow
+def test_search_quality_runs_and_prints_each_table(tmp_path) -> None:
+    lines = _run("benchmarks/search_quality.py", "--cases", "noisy-labels", "--trials", "6", "--long-epochs", "3",
+                 "--no-confirm", "--keep", str(tmp_path))
+    text = "\n".join(lines)
+    for label in ("TPE, noise pruner", "random, noise pruner", "TPE, no pruning", "pruner, replayed", "median"):
+        assert label in text
+    assert lines[-1].startswith("total ")

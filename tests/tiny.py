@@ -32,3 +32,15 @@ def write_image_folder(root: Path, classes: dict[str, int], size: int = 12, mode
             image = Image.fromarray(pixels, "RGB").convert(mode)
             image.save(root / name / f"{i}.png")
     return root
+
+
+def write_noisy_digits(root: Path, **kwargs) -> Path:
+    """The digits with wrong training labels, written as an image folder (benchmarks/planted.py)."""
+    import sys
+
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
+    from planted import write_noisy_digits as write
+
+    return write(root, **kwargs)

@@ -7,7 +7,7 @@ conv site that has a batch norm in its block is declared twice, before the batch
 the activation; a placement switches on at most one of the two.
 
 Adding a model is one entry in ``BUILTIN_MODELS``: the CLI's help lists the registry, export and
-packing check the layers they meet, and tests/test_models.py runs every entry through building,
+packing check the layers they meet, and tests/nets/test_builtin.py runs every entry through building,
 packing and export. Torch is imported inside the builders, so that reading the registry (the
 CLI's help) stays as fast as importing this module.
 """

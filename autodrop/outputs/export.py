@@ -239,19 +239,28 @@ def class_name_for(model_name: str) -> str:
     return name
 
 
-def export_builtin(record: ExportRecord, class_name: str) -> "tuple[str, nn.Module]":
-    """Return the source of a built-in (flat nn.Sequential) model and the rebuilt network."""
+def rebuild(record: ExportRecord) -> "nn.Module":
+    """Return the trial's network rebuilt (untrained) with its dropout placed, after checking that
+    it has exactly the sites the study records."""
     from autodrop.nets.build import build_model
-    from autodrop.nets.sites import DropSite, apply_placement, site_kinds
+    from autodrop.nets.sites import apply_placement, site_kinds
 
-    model = build_model(record.config.model, record.shape)
+    model = build_model(record.config.model, record.shape, model_args=record.config.model_args)
     if list(site_kinds(model).items()) != list(record.sites.items()):
         raise StorageError(
             f"study {record.study_name!r} lists drop sites {list(record.sites)} that model "
-            f"{record.config.model!r} does not have (its sites are {list(site_kinds(model))}); the "
-            "study was edited or made by another autodrop version."
+            f"{record.config.model!r} does not have now (its sites are {list(site_kinds(model))}); the model's code "
+            "or the study changed since the search."
         )
     apply_placement(model, record.placement, record.variants)
+    return model
+
+
+def export_builtin(record: ExportRecord, class_name: str) -> "tuple[str, nn.Module]":
+    """Return the source of a built-in (flat nn.Sequential) model and the rebuilt network."""
+    from autodrop.nets.sites import DropSite
+
+    model = rebuild(record)
 
     init_lines: list[str] = []
     forward_lines: list[str] = []
@@ -275,17 +284,9 @@ def export_builtin(record: ExportRecord, class_name: str) -> "tuple[str, nn.Modu
 
 def export_user_model(record: ExportRecord, class_name: str) -> "tuple[str, nn.Module]":
     """Return the source of a user's network (its own class, with the chosen dropout) and the rebuilt network."""
-    from autodrop.nets.build import build_model
-    from autodrop.nets.sites import apply_placement, site_kinds
     from autodrop.outputs.export_user import export_custom_source
 
-    model = build_model(record.config.model, record.shape, model_args=record.config.model_args)
-    if list(site_kinds(model)) != list(record.sites):
-        raise StorageError(
-            f"study {record.study_name!r} lists drop sites {list(record.sites)} that the model now has not "
-            f"(its sites are {list(site_kinds(model))}); the model's code or the study changed since the search."
-        )
-    apply_placement(model, record.placement, record.variants)
+    model = rebuild(record)
     shape = record.shape
     header = [
         f"The network of autodrop study {ascii(record.study_name)}, trial {record.number}: "

@@ -75,12 +75,12 @@ def export_custom_source(
     discovery: Discovery = getattr(model, DISCOVERY_ATTR)
     rates = _checked_placement(placement, discovery)
 
-    lines = _file_header(parsed, discovery, rates, header)
+    lines = _file_header(parsed, rates, header)
     lines += _imports(parsed, discovery)
     if discovery.method == "fx":
         lines += _traced_class(model, parsed, built, built_kwargs, rates, class_name)
     else:
-        lines += _hooked_factory(parsed, built, built_kwargs, discovery, rates, model)
+        lines += _hooked_factory(parsed, built, built_kwargs, rates, model)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -100,7 +100,7 @@ def _checked_placement(placement: Mapping[str, float | None], discovery: Discove
     return rates
 
 
-def _file_header(spec: ModelSpec, discovery: Discovery, rates: Mapping[str, float | None], header: Sequence[str]) -> list[str]:
+def _file_header(spec: ModelSpec, rates: Mapping[str, float | None], header: Sequence[str]) -> list[str]:
     chosen = ", ".join(f"{name} p={rate:.4g}" for name, rate in rates.items() if rate is not None) or "no dropout"
     lines = [
         f'"""{spec.label} with the dropout autodrop chose: {_plain(chosen)}.',
@@ -262,7 +262,7 @@ def _traced_class(
 
 
 def _hooked_factory(
-    spec: ModelSpec, built: BuiltModel, kwargs: Mapping[str, Any], discovery: Discovery,
+    spec: ModelSpec, built: BuiltModel, kwargs: Mapping[str, Any],
     rates: Mapping[str, float | None], model: Any,
 ) -> list[str]:
     """The user's network with the chosen dropout attached by forward hooks, as autodrop ran it."""

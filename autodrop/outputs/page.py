@@ -70,7 +70,8 @@ def render_html(result: SearchResult) -> str:
          "Validation accuracy (dark) with train accuracy beside it (light): the difference is the gap.",
          baseline_figure(result)),
         ("importance", "Which sites matter",
-         "Share of the explained variation in validation accuracy, per site (its on/off and its rate together).",
+         "Share of the explained variation in validation accuracy, per site (its rate, kind and slot together), "
+         "with its 90% interval over resamples of the completed trials.",
          importance_figure(result)),
         ("history", "Optimisation history",
          "Validation accuracy of every trial in the order they ran, and the best so far.",
@@ -94,7 +95,7 @@ def render_html(result: SearchResult) -> str:
             )
             first = False
         if key == "importance" and figure is not None and result.importance_note:
-            body += f'<p class="caption">{_e("Note: " + result.importance_note)}</p>'
+            body += f'<p class="caption">{_e("Importances " + result.importance_note)}</p>'
         blocks[key] = (
             f'<section class="card" id="{key}"><h2>{_e(title)}</h2><p class="caption">{_e(caption)}</p>'
             f"{body}</section>"
@@ -135,7 +136,7 @@ def render_html(result: SearchResult) -> str:
 
 _EMPTY_NOTES = {
     "baselines": lambda r: "No completed trial yet: nothing to compare.",
-    "importance": lambda r: f"Per-site importance is not available: {r.importance_note or 'too few trials.'}",
+    "importance": lambda r: f"Per-site importance is not available: importances {r.importance_note or 'need more trials.'}",
     "history": lambda r: "No finished trial yet.",
     "curves": lambda r: "No trial reported a validation accuracy yet.",
     "parallel": lambda r: "Too few completed trials to draw.",
@@ -317,19 +318,29 @@ def importance_figure(result: SearchResult) -> Any:
     sites = list(result.sites)
     best = result.best.placement if result.best is not None else {}
     shares = [float(result.importances.get(s, 0.0)) for s in sites]
+    intervals = result.importance_intervals or {s: (share, share) for s, share in zip(sites, shares)}
+    lows = [intervals[s][0] for s in sites]
+    highs = [intervals[s][1] for s in sites]
     colours = [_ON if best.get(s) is not None else _OFF for s in sites]
-    states = ["off in best" if best.get(s) is None else f"on at {best[s]:.2f} in best" for s in sites]
+    states = [
+        ("off in best" if best.get(s) is None else f"on at {best[s]:.2f} in best") + f"; 90% interval {lo:.0%}-{hi:.0%}"
+        for s, lo, hi in zip(sites, lows, highs)
+    ]
     fig = go.Figure(
         go.Bar(
             x=shares, y=[_e(s) for s in sites], orientation="h", marker_color=colours,
-            text=[f"{100 * v:.0f}%" for v in shares], textposition="outside",
+            # Error bars: the 5th to 95th percentile of the share over resamples of the completed trials.
+            error_x=dict(type="data", symmetric=False, array=[max(0.0, h - v) for h, v in zip(highs, shares)],
+                         arrayminus=[max(0.0, v - lo) for lo, v in zip(lows, shares)], color="#555", thickness=1.5),
+            text=[f"{100 * v:.0f}%" for v in shares], textposition="inside", insidetextanchor="start",
             customdata=states, hovertemplate="%{y}: %{x:.1%}<br>%{customdata}<extra></extra>",
         )
     )
     height = max(220, 60 + 34 * len(sites))
     _layout(
         fig, height=height, showlegend=False,
-        xaxis=dict(title="share of importance", tickformat=".0%", range=[0, min(1.15, max(shares + [0.1]) * 1.25)]),
+        xaxis=dict(title="share of importance (bars: 90% interval)", tickformat=".0%",
+                   range=[0, min(1.05, max(highs + shares + [0.1]) * 1.1)]),
         yaxis=dict(autorange="reversed"),
     )
     return fig

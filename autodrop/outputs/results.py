@@ -6,8 +6,6 @@ reach the study's storage.
 
 from __future__ import annotations
 
-import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -16,32 +14,33 @@ import optuna
 from autodrop.run.records import (
     TrialRecord,
     best_trial,
-    dropout_param,
-    rate_param,
     read_study,
     read_trials,
-    slot_param,
 )
+from autodrop.outputs.importance import site_importances
+from autodrop.run.noise import chance_lead, run_noise, spread_within_noise
 from autodrop.run.storage import open_existing_study
 
 # A trial as the answer shows it (the name the Python API has always used).
 TrialSummary = TrialRecord
-# PED-ANOVA returns numbers from a handful of trials, but they mean little below about this many.
+# Importances come out of a handful of trials, but they mean little below about this many.
 MIN_TRIALS_FOR_IMPORTANCE = 50
 
 
 @dataclass(frozen=True)
 class Margin:
-    """How far the best trial leads no dropout, against the noise of one validation run."""
+    """How far the best trial leads no dropout, against how far the best of that many single runs
+    would lead by luck alone."""
 
-    lead: float  # best minus the "none" baseline, accuracy points as a fraction
-    noise: float  # two standard errors of the difference between two accuracies on this val set
-    standard_error: float  # binomial standard error of the best trial's accuracy
+    lead: float  # best minus the "none" baseline, as a fraction
+    chance: float  # the lead the best of n_runs equal placements reaches by luck (95%), as a fraction
+    run_noise: float  # standard deviation of one run's accuracy (binomial and training wobble)
+    n_runs: int  # the completed trials the best was picked from, no dropout left out
     n_val: int
 
     @property
     def within_noise(self) -> bool:
-        return self.lead <= self.noise
+        return self.lead <= self.chance
 
 
 @dataclass(frozen=True)
@@ -58,9 +57,14 @@ class SearchResult:
     n_failed: int
     best: TrialSummary | None
     baselines: list[TrialSummary]
-    importances: dict[str, float] | None  # site -> share of the explained variance (on/off and rate)
+    importances: dict[str, float] | None  # site -> share of the explained variation (rate, kind, slot)
     importance_note: str | None
     margin: Margin | None
+    # site -> (low, high): 90% bootstrap interval of its share, resampling the completed trials
+    importance_intervals: dict[str, tuple[float, float]] | None = None
+    # whether the completed trials' accuracies vary more than one placement's runs would
+    effect_measurable: bool | None = None
+    n_searched_complete: int = 0  # completed trials the sampler chose (not baselines)
     trials: list[TrialSummary] = field(repr=False, default_factory=list)
     confirmation: dict[str, Any] | None = None  # written by autodrop confirm, as stored
 
@@ -90,24 +94,32 @@ def summarize_study(study: optuna.Study, storage_url: str) -> SearchResult:
     summaries = read_trials(study, record)
     best = best_trial(summaries)
     baselines = _latest_baselines(summaries)
-    n_complete = sum(s.state == "complete" for s in summaries)
-    importances, note = _site_importances(study, record.sites, n_complete)
+    complete = [s for s in summaries if s.state == "complete" and s.val_accuracy is not None]
+    accuracies = [float(s.val_accuracy) for s in complete]  # type: ignore[arg-type]
+    epochs = record.config.train.epochs
+    noise = run_noise(accuracies, [s.curve for s in complete], record.data.n_val, epochs)
+    measurable = None if len(complete) < 3 else not spread_within_noise(accuracies, noise)
+    n_searched = sum(s.baseline is None for s in complete)
+    importances, intervals, note = _site_importances(summaries, record.sites, n_searched, len(complete) - n_searched)
     return SearchResult(
         study_name=study.study_name,
         storage_url=storage_url,
         sites=dict(record.sites),
         settings=record.settings,
         data=record.data.to_stored(),
-        n_complete=n_complete,
+        n_complete=len(complete),
         n_pruned=sum(s.state == "pruned" for s in summaries),
         n_failed=sum(s.state == "failed" for s in summaries),
         best=best,
         baselines=baselines,
         importances=importances,
         importance_note=note,
-        margin=_margin(best, baselines, record.data.n_val),
+        margin=_margin(best, baselines, len(complete), noise, record.data.n_val),
         trials=summaries,
         confirmation=record.confirmation,
+        importance_intervals=intervals,
+        effect_measurable=measurable,
+        n_searched_complete=n_searched,
     )
 
 
@@ -125,40 +137,32 @@ def _latest_baselines(summaries: list[TrialSummary]) -> list[TrialSummary]:
 
 
 def _site_importances(
-    study: optuna.Study, sites: Mapping[str, str], n_complete: int
-) -> tuple[dict[str, float] | None, str | None]:
-    """Per-site importance: the PED-ANOVA shares of a site's on/off and its rate, added together."""
+    trials: list[TrialSummary], sites: Mapping[str, str], n_searched: int, n_baselines: int
+) -> tuple[dict[str, float] | None, dict[str, tuple[float, float]] | None, str | None]:
+    """Per-site importance (outputs/importance.py) from the completed trials, with 90% intervals,
+    and a note that says what it was computed from."""
+    n_complete = n_searched + n_baselines
+    counted = f"{n_complete} completed trials ({n_searched} searched, {n_baselines} baselines)"
     if n_complete < 3:
-        return None, f"importances need at least 3 completed trials; this study has {n_complete}."
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            raw = optuna.importance.get_param_importances(study)
-    except (ValueError, RuntimeError, ZeroDivisionError) as e:
-        return None, f"importances could not be computed: {e}"
-    per_site = {
-        site: sum(float(raw.get(name, 0.0)) for name in (site, rate_param(site), dropout_param(site), slot_param(site)))
-        for site in sites
-    }
-    note = None
+        return None, None, f"need at least 3 completed trials; this study has {counted}."
+    found = site_importances(trials, sites)
+    if found is None:
+        return None, None, f"cannot be told from {counted}: their accuracies are all equal."
+    note = f"from {counted}"
     if n_complete < MIN_TRIALS_FOR_IMPORTANCE:
-        note = (
-            f"only {n_complete} completed trials: importances are rough below about "
-            f"{MIN_TRIALS_FOR_IMPORTANCE} (raise --trials and rerun to add more)."
-        )
-    return per_site, note
+        note += (f"; rough below about {MIN_TRIALS_FOR_IMPORTANCE} (the intervals show how rough: raise "
+                 "--trials and rerun to narrow them)")
+    return found.shares, found.intervals, note + "."
 
 
-def _margin(best: TrialSummary | None, baselines: list[TrialSummary], n_val: int) -> Margin | None:
+def _margin(best: TrialSummary | None, baselines: list[TrialSummary], n_complete: int, noise: float,
+            n_val: int) -> Margin | None:
     none = next((b for b in baselines if b.baseline == "none" and b.state == "complete"), None)
     if best is None or none is None or n_val <= 0 or none.val_accuracy is None or best.val_accuracy is None:
         return None
-    p_best, p_none = best.val_accuracy, none.val_accuracy
-    se_best = math.sqrt(max(p_best * (1 - p_best), 0.25 / n_val) / n_val)
-    se_none = math.sqrt(max(p_none * (1 - p_none), 0.25 / n_val) / n_val)
-    return Margin(
-        lead=p_best - p_none, noise=2 * math.hypot(se_best, se_none), standard_error=se_best, n_val=n_val
-    )
+    n_runs = max(1, n_complete - 1)
+    return Margin(lead=best.val_accuracy - none.val_accuracy, chance=chance_lead(n_runs) * noise, run_noise=noise,
+                  n_runs=n_runs, n_val=n_val)
 
 
 def _verdict(result: SearchResult) -> str:
@@ -169,19 +173,19 @@ def _verdict(result: SearchResult) -> str:
     if best is None:
         return "No trial has completed yet: there is no answer to give."
     placement = best.description
-    if best.baseline == "none":
+    if best.baseline == "none" or all(rate is None for rate in best.placement.values()):
         return "No dropout scored best: on this data and model, dropout does not help."
     if margin is None:
         return f"Best placement: {placement}. (The no-dropout baseline has not completed, so there is nothing to compare it with.)"
-    lead, noise = 100 * margin.lead, 100 * margin.noise
+    lead, chance = 100 * margin.lead, 100 * margin.chance
     if margin.within_noise:
         return (
-            f"Within noise: the best placement ({placement}) leads no dropout by {lead:+.1f} points, "
-            f"inside the {noise:.1f}-point noise of one run on {margin.n_val} validation images. "
-            "Dropout placement makes no measurable difference here; no dropout is as good an answer."
+            f"Within noise: the best placement ({placement}) leads no dropout by {lead:+.1f} points, but the best "
+            f"of {margin.n_runs} single runs leads by up to {chance:.1f} points by luck alone. No placement beats "
+            "no dropout measurably here; no dropout is as good an answer."
         )
     return (
-        f"The best placement ({placement}) leads no dropout by {lead:+.1f} points, beyond the "
-        f"{noise:.1f}-point noise of one run on {margin.n_val} validation images. It is the best of "
-        f"{result.n_finished} trials with one seed each: confirm it with other seeds before relying on it."
+        f"Beyond noise: the best placement ({placement}) leads no dropout by {lead:+.1f} points, more than the "
+        f"{chance:.1f} points the best of {margin.n_runs} single runs reaches by luck. It was trained once: "
+        "autodrop confirm retrains it with fresh seeds before you rely on it."
     )

@@ -28,18 +28,19 @@ def format_result(result: SearchResult) -> str:
     else:
         lines.append("Best placement: none yet (no completed trial).")
     lines.append("")
-    header = f"  {'site':<14} {'kind':<5} {'best':>8} {'importance':>11}  variant"
+    width = max([14, *(len(site) for site in result.sites)])
+    header = f"  {'site':<{width}} {'kind':<5} {'best':>8} {'importance (90% interval)':>26}  variant"
     lines.append(header)
     lines.append("  " + "-" * (len(header) - 2))
     for site, kind in result.sites.items():
         rate = best.placement.get(site) if best else None
         shown = "off" if rate is None else f"{rate:.2f}"
-        importance = "-" if result.importances is None else f"{result.importances.get(site, 0.0):.2f}"
         variant = best.variants.get(site, {}) if best and rate is not None else {}
         variant_words = ", ".join(variant[key] for key in ("dropout", "slot") if key in variant)
-        lines.append(f"  {site:<14} {kind:<5} {shown:>8} {importance:>11}  {variant_words}".rstrip())
+        lines.append(f"  {site:<{width}} {kind:<5} {shown:>8} {_importance(result, site):>26}  {variant_words}".rstrip())
     if result.importance_note:
-        lines.append(f"  Note: {result.importance_note}")
+        lines.append(f"  Importances {result.importance_note}")
+    lines.append(f"  {site_story(result)}")
     lines.append("")
     lines.append("Baselines (the usual recipes):")
     lines.append(f"  {'recipe':<15} {'val acc':>8} {'train acc':>10} {'gap':>7}  placement")
@@ -53,8 +54,9 @@ def format_result(result: SearchResult) -> str:
         m = result.margin
         lines.append("")
         lines.append(
-            f"Lead over no dropout: {100 * m.lead:+.1f} points; validation standard error "
-            f"{100 * m.standard_error:.1f} points (n={m.n_val}), noise band for a difference {100 * m.noise:.1f} points."
+            f"Lead over no dropout: {100 * m.lead:+.1f} points. One run's noise: {100 * m.run_noise:.1f} points "
+            f"({m.n_val} validation images, and how much the curves wobble); the best of {m.n_runs} runs leads "
+            f"by up to {100 * m.chance:.1f} points by luck alone (95%)."
         )
     if result.confirmation:
         lines.append("")
@@ -66,16 +68,29 @@ def format_result(result: SearchResult) -> str:
 
 def format_confirmation(confirmation: Mapping[str, Any]) -> str:
     """Return a stored confirmation as a table of candidates and the verdict."""
-    seeds = confirmation["seeds"]
-    lines = [f"Confirmation ({len(seeds)} fresh seeds per placement, the same seeds for each):"]
-    lines.append(f"  {'placement':<15} {'mean val':>9} {'95% interval':>15} {'gap':>6}  what")
-    for c in confirmation["candidates"]:
+    candidates = confirmation["candidates"]
+    counts = sorted({len(c.get("accuracies", [])) for c in candidates})
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+    lines = [f"Confirmation ({seeds} fresh seeds per placement, the same seeds for each):"]
+    lines.append(f"  {'placement':<15} {'seeds':>5} {'mean val':>9} {'95% interval':>15} {'gap':>6}  what")
+    for c in candidates:
         interval = f"{100 * c['ci_low']:.1f}-{100 * c['ci_high']:.1f}%"
         lines.append(
-            f"  {c['label']:<15} {100 * c['mean']:>8.1f}% {interval:>15} {_pts(c['mean_gap']):>6}  {c['description']}"
+            f"  {c['label']:<15} {len(c.get('accuracies', [])):>5} {100 * c['mean']:>8.1f}% {interval:>15} "
+            f"{_pts(c['mean_gap']):>6}  {c['description']}"
         )
     lines.append(str(confirmation["verdict"]))
     return "\n".join(lines)
+
+
+def _importance(result: SearchResult, site: str) -> str:
+    if result.importances is None:
+        return "-"
+    share = f"{result.importances.get(site, 0.0):.2f}"
+    if result.importance_intervals is None or site not in result.importance_intervals:
+        return share
+    low, high = result.importance_intervals[site]
+    return f"{share} ({low:.2f}-{high:.2f})"
 
 
 def _pct(value: float | None) -> str:
@@ -87,40 +102,46 @@ def _pts(value: float | None) -> str:
     return "-" if value is None else f"{round(100 * value, 1) + 0.0:+.1f}"
 
 
-# A site whose share of the importance is at least this much "matters"; below the lower bound it
-# "hardly matters". Shares sum to 1 over all sites (on/off and rate together).
+# A site "matters" when its share is at least MATTERS_SHARE and, across resamples of the trials,
+# at least half that; it "does not matter" when even its resampled shares stay under NEGLIGIBLE_SHARE.
+# Shares sum to 1 over all sites (on/off, rate, kind and slot together).
 MATTERS_SHARE = 0.2
 NEGLIGIBLE_SHARE = 0.05
 
 
 def site_story(result: SearchResult) -> str:
-    """Return which sites matter and which do not, in plain language, from the importances."""
+    """Return which sites matter and which do not, in plain language, only as far as the evidence goes."""
+    if result.effect_measurable is False:
+        noise = f" (one run's noise is {100 * result.margin.run_noise:.1f} points)" if result.margin else ""
+        return (
+            f"No site's effect is measurable here: the {result.n_complete} completed trials' accuracies vary no "
+            f"more than runs of one placement would{noise}, so the importances are shares of noise."
+        )
     if result.importances is None:
-        return f"Which sites matter cannot be told yet: {result.importance_note or 'no importances.'}"
-    shares = sorted(result.importances.items(), key=lambda item: -item[1])
+        return f"Which sites matter cannot be told yet: importances {result.importance_note or 'are not available.'}"
+    intervals = result.importance_intervals or {site: (share, share) for site, share in result.importances.items()}
     best = result.best.placement if result.best is not None else {}
 
     def state(site: str) -> str:
         rate = best.get(site)
         return "off in the best trial" if rate is None else f"best at about {rate:.2f}"
 
-    matter = [(site, share) for site, share in shares if share >= MATTERS_SHARE]
-    negligible = [site for site in result.sites if result.importances.get(site, 0.0) < NEGLIGIBLE_SHARE]
+    shares = sorted(result.importances.items(), key=lambda item: -item[1])
+    matter = [(site, share) for site, share in shares
+              if share >= MATTERS_SHARE and intervals[site][0] >= MATTERS_SHARE / 2]
+    negligible = [site for site in result.sites if intervals.get(site, (0.0, 1.0))[1] < NEGLIGIBLE_SHARE]
     parts: list[str] = []
     if matter:
         described = "; ".join(f"{site} ({100 * share:.0f}% of the importance, {state(site)})" for site, share in matter)
         lead = "Most of the effect comes from" if len(matter) == 1 else "The effect comes mostly from"
         parts.append(f"{lead} {described}.")
     else:
-        parts.append("No single site dominates: the effect is spread over the sites.")
-    if negligible:
-        each = "" if len(negligible) == 1 else " each"
         parts.append(
-            f"Dropout at {_join_words(negligible)} does not matter here (under "
-            f"{100 * NEGLIGIBLE_SHARE:.0f}% of the importance{each})."
+            f"No single site stands out beyond the uncertainty of {result.n_complete} completed trials."
         )
-    if result.importance_note:
-        parts.append(f"Note: {result.importance_note}")
+    if negligible:
+        parts.append(f"Dropout at {_join_words(negligible)} does not matter here (under "
+                     f"{100 * NEGLIGIBLE_SHARE:.0f}% of the importance in every resample).")
     return " ".join(parts)
 
 

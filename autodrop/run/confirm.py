@@ -1,24 +1,37 @@
-"""Confirmation: retrain the top placements and every baseline with fresh seeds, and test the lead.
+"""Confirmation: retrain the winners and baselines with fresh seeds until the lead can be judged.
 
-One search runs each placement once, and on small data one run's accuracy moves by half a point or
-more from seed to seed: the best of many single runs is flattered by luck. Here every candidate is
-trained again with the same few fresh seeds, so that differences can be tested pair by pair.
+One search runs each placement once, and one run's accuracy moves from seed to seed: the best of
+many single runs is flattered by luck. Here candidates are trained again with the same fresh seeds,
+so that differences can be tested pair by pair. The question is autodrop's own: does the best
+searched placement beat no dropout? (And, beside it: does it beat the best of the usual recipes?)
+
+By default seeds are added one at a time (to the searched winner, no dropout and the best recipe)
+until the interval of the winner's lead over no dropout excludes zero, or lies within a stated
+width of it (no difference that matters), or a cap is reached. The interval is widened for having
+looked several times (Pocock), so that stopping when it looks decided does not flatter the winner.
+Every run is stored with the study and reused on a rerun.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any, Callable
+
+import numpy as np
 
 from autodrop.config import SearchConfig
 from autodrop.errors import ConfigError, StorageError
 from autodrop.run.records import (
     CONFIRMATION_KEY,
+    CONFIRMATION_RUNS_KEY,
     StudyRecord,
     TrialRecord,
     describe_placement,
+    placement_key,
     rank_key,
+    read_confirmation_runs,
     read_study,
     read_trials,
 )
@@ -31,7 +44,10 @@ from autodrop.training.placement import train_placement
 
 # Confirmation seeds never coincide with the search's trial seeds (seed * 1_000_003 + number).
 CONFIRM_SEED_BASE = 900_000_000
-SIGNIFICANCE = 0.05
+SIGNIFICANCE = 0.05  # the chance of calling a difference real when there is none, over all looks
+MIN_SEEDS = 3  # seeds every candidate gets before the first look
+MAX_SEEDS = 10  # the cap of the sequential confirmation
+DECISION_WIDTH = 0.01  # a lead whose interval lies within +-1 point makes no difference that matters
 
 
 @dataclass(frozen=True)
@@ -44,15 +60,20 @@ class Candidate:
     placement: dict[str, float | None]
     variants: dict[str, dict[str, str]]
 
+    @property
+    def key(self) -> str:
+        return placement_key(self.placement, self.variants)
+
 
 @dataclass(frozen=True)
 class CandidateResult:
-    """One candidate's accuracy over the confirmation seeds."""
+    """One candidate's accuracy over the confirmation seeds it was trained with."""
 
     label: str
     trial: int
     baseline: str | None
     description: str
+    seeds: list[int]
     accuracies: list[float]  # one per seed, in seed order
     gaps: list[float]  # train minus val accuracy, per seed
     mean: float
@@ -63,22 +84,26 @@ class CandidateResult:
 
 @dataclass(frozen=True)
 class Comparison:
-    """The best searched placement against the best baseline, paired by seed."""
+    """One placement against another, paired by seed."""
 
     winner: str
     reference: str
+    n_seeds: int
     mean_difference: float  # winner minus reference
     ci_low: float
     ci_high: float
+    level: float  # the interval's confidence level (below 95% only after being widened for several looks)
     p_value: float | None  # paired t-test; None when every difference is zero
-    significant: bool
+    significant: bool  # the interval excludes zero
 
 
 @dataclass(frozen=True)
 class Confirmation:
-    seeds: list[int]
+    seeds: list[int]  # every seed any candidate was trained with
     candidates: list[CandidateResult]
-    comparison: Comparison | None
+    comparison: Comparison | None  # the searched winner against no dropout (the question)
+    against_best_baseline: Comparison | None  # the searched winner against the best recipe, if that is not none
+    stopped: str  # "fixed", "decided", "settled" (within the width) or "cap"
     verdict: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,17 +114,22 @@ def confirm_study(
     study_name: str | None,
     storage: str | None = None,
     *,
-    n_seeds: int = 5,
+    n_seeds: int | None = None,
+    max_seeds: int = MAX_SEEDS,
     top: int = 3,
     device: str = "auto",
     on_run: Callable[[str, int], None] | None = None,
 ) -> Confirmation:
-    """Retrain the study's ``top`` placements and its baselines with ``n_seeds`` seeds; store and return the result.
+    """Retrain the study's ``top`` placements and its baselines with fresh seeds; store and return the verdict.
 
-    ``study_name`` None picks the storage's only study.
+    ``n_seeds`` fixes the number of seeds for every candidate; None (the default) adds seeds until
+    the lead is decided, settled within ``DECISION_WIDTH``, or ``max_seeds`` is reached. Runs
+    already stored with the study are reused. ``study_name`` None picks the storage's only study.
     """
-    if n_seeds < 2:
+    if n_seeds is not None and n_seeds < 2:
         raise ConfigError(f"--seeds must be at least 2 for a paired test, but got {n_seeds}.")
+    if max_seeds < MIN_SEEDS:
+        raise ConfigError(f"--max-seeds must be at least {MIN_SEEDS}, but got {max_seeds}.")
     if top < 1:
         raise ConfigError(f"--top must be at least 1, but got {top}.")
     study = open_existing_study(study_name, storage).study
@@ -107,8 +137,19 @@ def confirm_study(
     candidates = select_candidates(record, read_trials(study, record), top)
     data = load_data(record.config.data)
     _check_same_data(record, data)
-    results = train_candidates(record.config, data, candidates, n_seeds=n_seeds, device=device, on_run=on_run)
-    confirmation = summarize(results, seeds=[CONFIRM_SEED_BASE + i for i in range(n_seeds)])
+    trainer = CandidateTrainer(record.config, data, device=device, on_run=on_run,
+                               runs=read_confirmation_runs(study))
+
+    def store_runs() -> None:
+        study.set_user_attr(CONFIRMATION_RUNS_KEY, trainer.runs)
+
+    try:
+        if n_seeds is not None:
+            confirmation = confirm_fixed(trainer, candidates, n_seeds)
+        else:
+            confirmation = confirm_sequentially(trainer, candidates, max_seeds=max_seeds)
+    finally:
+        store_runs()  # what was trained is kept, even if a later run fails or is interrupted
     study.set_user_attr(CONFIRMATION_KEY, confirmation.to_dict())
     return confirmation
 
@@ -129,7 +170,8 @@ def select_candidates(record: StudyRecord, trials: list[TrialRecord], top: int) 
     if not complete:
         raise StorageError(f"study {record.name!r} has no completed trial to confirm.")
     chosen: list[Candidate] = []
-    seen: list[tuple[Any, ...]] = []
+    # A searched placement equal to a baseline's (no dropout, say) is that baseline: not retrained twice.
+    seen = {placement_key(t.placement, t.variants) for t in complete if t.baseline is not None}
     baselines: dict[str, Candidate] = {}
     for trial in sorted(complete, key=lambda t: rank_key(t.number, t.val_accuracy)):  # type: ignore[arg-type]
         candidate = Candidate(
@@ -139,119 +181,222 @@ def select_candidates(record: StudyRecord, trials: list[TrialRecord], top: int) 
             placement=trial.placement,
             variants=trial.variants,
         )
-        key = (tuple(sorted(candidate.placement.items())), repr(sorted(candidate.variants.items())))
         if candidate.baseline is not None:
             baselines.setdefault(candidate.baseline, candidate)
-        elif key not in seen and len(chosen) < top:
-            seen.append(key)
+        elif candidate.key not in seen and len(chosen) < top:
+            seen.add(candidate.key)
             chosen.append(candidate)
     return chosen + list(baselines.values())
 
 
-def train_candidates(
-    config: SearchConfig,
-    data: ImageData,
-    candidates: list[Candidate],
-    *,
-    n_seeds: int,
-    device: str = "auto",
-    on_run: Callable[[str, int], None] | None = None,
-) -> list[CandidateResult]:
-    """Train every candidate once per seed, all candidates with the same seeds, and collect accuracies."""
-    torch_device = resolve_device(device)
-    on_device = data.to(torch_device)
-    normaliser = Normaliser(data.train_images).to(torch_device)
-    results = []
-    for candidate in candidates:
-        accuracies, gaps = [], []
+class CandidateTrainer:
+    """Trains candidates on confirmation seeds, each (placement, seed) once: earlier runs, stored
+    with the study, are reused."""
+
+    def __init__(self, config: SearchConfig, data: ImageData, *, device: str = "auto",
+                 on_run: Callable[[str, int], None] | None = None,
+                 runs: dict[str, dict[str, list[float]]] | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(device)
+        self.data = data.to(self.device)
+        self.normaliser = Normaliser(data.train_images).to(self.device)
+        self.on_run = on_run
+        self.runs: dict[str, dict[str, list[float]]] = runs or {}  # placement key -> seed -> [val, gap]
+
+    def train(self, candidate: Candidate, n_seeds: int) -> None:
+        """Make sure ``candidate`` has runs for the first ``n_seeds`` confirmation seeds."""
+        done = self.runs.setdefault(candidate.key, {})
         for i in range(n_seeds):
-            if on_run is not None:
-                on_run(candidate.label, i)
-            # The same seed gives every candidate the same initial weights and batch order.
             seed = CONFIRM_SEED_BASE + i
+            if str(seed) in done:
+                continue
+            if self.on_run is not None:
+                self.on_run(candidate.label, i)
+            # The same seed gives every candidate the same initial weights and batch order.
             try:
-                metrics, _ = train_placement(config, on_device, normaliser, candidate.placement, candidate.variants,
-                                             seed=seed, device=torch_device)
-                accuracies.append(metrics.val_accuracy)
-                gaps.append(metrics.gap)
+                metrics, _ = train_placement(self.config, self.data, self.normaliser, candidate.placement,
+                                             candidate.variants, seed=seed, device=self.device)
+                done[str(seed)] = [metrics.val_accuracy, metrics.gap]
             except TrainingDiverged:
-                accuracies.append(0.0)
-                gaps.append(0.0)
+                done[str(seed)] = [0.0, 0.0]
+
+    def result(self, candidate: Candidate, n_seeds: int | None = None) -> CandidateResult:
+        """Return ``candidate``'s figures over its first ``n_seeds`` seeds (all it has by default)."""
+        done = self.runs.get(candidate.key, {})
+        seeds = sorted(int(s) for s in done)
+        seeds = [s for s in seeds if s - CONFIRM_SEED_BASE < (n_seeds if n_seeds is not None else math.inf)]
+        accuracies = [done[str(s)][0] for s in seeds]
+        gaps = [done[str(s)][1] for s in seeds]
         mean, low, high = _mean_interval(accuracies)
-        results.append(
-            CandidateResult(
-                label=candidate.label,
-                trial=candidate.trial,
-                baseline=candidate.baseline,
-                description=describe_placement(candidate.placement, candidate.variants),
-                accuracies=accuracies,
-                gaps=gaps,
-                mean=mean,
-                ci_low=low,
-                ci_high=high,
-                mean_gap=sum(gaps) / len(gaps),
-            )
+        return CandidateResult(
+            label=candidate.label, trial=candidate.trial, baseline=candidate.baseline,
+            description=describe_placement(candidate.placement, candidate.variants), seeds=seeds,
+            accuracies=accuracies, gaps=gaps, mean=mean, ci_low=low, ci_high=high,
+            mean_gap=sum(gaps) / len(gaps) if gaps else 0.0,
         )
-    return results
 
 
-def _mean_interval(values: list[float]) -> tuple[float, float, float]:
-    """Return the mean and its 95% Student-t interval."""
+def confirm_fixed(trainer: CandidateTrainer, candidates: list[Candidate], n_seeds: int) -> Confirmation:
+    """Train every candidate on ``n_seeds`` seeds and compare the best searched with the best baseline."""
+    for candidate in candidates:
+        trainer.train(candidate, n_seeds)
+    return summarize([trainer.result(c, n_seeds) for c in candidates], stopped="fixed")
+
+
+def confirm_sequentially(trainer: CandidateTrainer, candidates: list[Candidate], *,
+                         max_seeds: int = MAX_SEEDS) -> Confirmation:
+    """Train every candidate on MIN_SEEDS seeds, then add seeds to the searched winner, no dropout
+    and the best recipe until the winner's lead over no dropout is decided (its interval excludes
+    zero), settled (its interval lies within DECISION_WIDTH), or ``max_seeds`` is reached."""
+    for candidate in candidates:
+        trainer.train(candidate, MIN_SEEDS)
+    results = {c.key: trainer.result(c, MIN_SEEDS) for c in candidates}
+    searched = [c for c in candidates if c.baseline is None]
+    baselines = [c for c in candidates if c.baseline is not None]
+    none = next((c for c in baselines if c.baseline == "none"), None)
+    if not searched or none is None:
+        return summarize([trainer.result(c, MIN_SEEDS) for c in candidates], stopped="fixed")
+    winner = max(searched, key=lambda c: results[c.key].mean)
+    best_recipe = max(baselines, key=lambda c: results[c.key].mean)
+    followed = list({c.key: c for c in (winner, none, best_recipe)}.values())
+    level = 1.0 - pocock_alpha(MIN_SEEDS, max_seeds)
+    n = MIN_SEEDS
+    while True:
+        stopped = _stopping_rule(compare(trainer.result(winner, n), trainer.result(none, n), level=level), n,
+                                 max_seeds)
+        if stopped is not None:
+            break
+        n += 1
+        for candidate in followed:
+            trainer.train(candidate, n)
+    final = [trainer.result(c, n if c in followed else MIN_SEEDS) for c in candidates]
+    return summarize(final, stopped=stopped, winner=winner.label, recipe=best_recipe.label, level=level)
+
+
+def _stopping_rule(comparison: Comparison, n: int, max_seeds: int) -> str | None:
+    if comparison.significant:
+        return "decided"
+    if -DECISION_WIDTH < comparison.ci_low and comparison.ci_high < DECISION_WIDTH:
+        return "settled"
+    if n >= max_seeds:
+        return "cap"
+    return None
+
+
+@lru_cache(maxsize=32)
+def pocock_alpha(first: int, last: int, overall: float = SIGNIFICANCE, draws: int = 20000) -> float:
+    """Return the two-sided level each look uses so that, looking after every seed from ``first`` to
+    ``last`` and stopping at the first paired t-interval that excludes zero, a placement no better
+    than its reference is called different with probability ``overall`` (Pocock's constant nominal
+    level, found by simulating the looks with a fixed seed)."""
+    from scipy import stats
+
+    if last <= first:
+        return overall
+    rng = np.random.default_rng(0)
+    differences = rng.standard_normal((draws, last))
+    ns = np.arange(first, last + 1)
+    t_values = [
+        np.abs(differences[:, :n].mean(axis=1)) / (differences[:, :n].std(axis=1, ddof=1) / math.sqrt(n)) for n in ns
+    ]
+
+    def false_calls(alpha: float) -> float:
+        crossed = np.zeros(draws, dtype=bool)
+        for n, t in zip(ns, t_values):
+            crossed |= t > stats.t.ppf(1 - alpha / 2, n - 1)
+        return float(crossed.mean())
+
+    # Bonferroni over the looks is always safe; one look's own level never is.
+    low, high = overall / len(ns), overall
+    for _ in range(30):
+        middle = math.sqrt(low * high)
+        low, high = (middle, high) if false_calls(middle) < overall else (low, middle)
+    return low
+
+
+def _mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Return the mean and its Student-t interval at ``level``."""
     from scipy import stats
 
     n = len(values)
+    if n == 0:
+        return 0.0, 0.0, 0.0
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n) if n > 1 else 0.0
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n) if n > 1 else 0.0
     return mean, mean - half, mean + half
 
 
-def compare(winner: CandidateResult, reference: CandidateResult) -> Comparison:
-    """Paired t-test across seeds of ``winner`` against ``reference``."""
+def compare(winner: CandidateResult, reference: CandidateResult, *, level: float = 1 - SIGNIFICANCE) -> Comparison:
+    """Paired t-test, over the seeds both have, of ``winner`` against ``reference``."""
     from scipy import stats
 
-    differences = [a - b for a, b in zip(winner.accuracies, reference.accuracies)]
-    mean, low, high = _mean_interval(differences)
+    common = [s for s in winner.seeds if s in reference.seeds]
+    a = [winner.accuracies[winner.seeds.index(s)] for s in common]
+    b = [reference.accuracies[reference.seeds.index(s)] for s in common]
+    differences = [x - y for x, y in zip(a, b)]
+    mean, low, high = _mean_interval(differences, level)
     if all(d == differences[0] for d in differences):
         # No spread: a t-test is undefined. Identical runs differ by nothing; a constant nonzero
         # difference over several seeds is as consistent as a difference can be.
         p_value = None if differences[0] == 0 else 0.0
     else:
-        p_value = float(stats.ttest_rel(winner.accuracies, reference.accuracies).pvalue)
-    significant = p_value is not None and p_value < SIGNIFICANCE
-    return Comparison(winner.label, reference.label, mean, low, high, p_value, significant)
+        p_value = float(stats.ttest_rel(a, b).pvalue)
+    significant = (low > 0 or high < 0) if p_value is not None else False
+    return Comparison(winner.label, reference.label, len(common), mean, low, high, level, p_value, significant)
 
 
-def summarize(results: list[CandidateResult], *, seeds: list[int]) -> Confirmation:
-    """Compare the best searched placement with the best baseline and say what it means."""
+def summarize(results: list[CandidateResult], *, stopped: str, winner: str | None = None, recipe: str | None = None,
+              level: float = 1 - SIGNIFICANCE) -> Confirmation:
+    """Compare the searched winner with no dropout and with the best recipe, and say what it means."""
+    seeds = sorted({s for r in results for s in r.seeds})
     searched = [r for r in results if r.baseline is None]
-    baselines = [r for r in results if r.baseline is not None]
-    if not searched or not baselines:
-        only = results[0].label if results else "nothing"
-        return Confirmation(seeds, results, None, f"Nothing to compare: only {only} was retrained.")
-    winner = max(searched, key=lambda r: r.mean)
-    reference = max(baselines, key=lambda r: r.mean)
-    comparison = compare(winner, reference)
-    return Confirmation(seeds, results, comparison, _verdict(comparison, winner, reference, len(seeds)))
+    none = next((r for r in results if r.baseline == "none"), None)
+    if not searched or none is None:
+        only = ", ".join(r.label for r in results) or "nothing"
+        return Confirmation(seeds, results, None, None, stopped,
+                            f"Nothing to compare: a searched placement and no dropout are both needed, but only "
+                            f"{only} were retrained.")
+    best = next((r for r in searched if r.label == winner), None) or max(searched, key=lambda r: r.mean)
+    comparison = compare(best, none, level=level)
+    recipes = [r for r in results if r.baseline is not None and r.baseline != "none"]
+    best_recipe = next((r for r in recipes if r.label == recipe), None) or max(recipes, key=lambda r: r.mean, default=None)
+    against = None
+    if best_recipe is not None and best_recipe.mean > none.mean:
+        against = compare(best, best_recipe, level=level)
+    return Confirmation(seeds, results, comparison, against, stopped, _verdict(comparison, best, against, stopped))
 
 
-def _verdict(c: Comparison, winner: CandidateResult, reference: CandidateResult, n_seeds: int) -> str:
+def _interval(c: Comparison) -> str:
+    return f"{100 * c.level:.1f}% CI {100 * c.ci_low:+.1f} to {100 * c.ci_high:+.1f}"
+
+
+def _verdict(c: Comparison, winner: CandidateResult, against: Comparison | None, stopped: str) -> str:
     diff = 100 * c.mean_difference
-    interval = f"95% CI {100 * c.ci_low:+.1f} to {100 * c.ci_high:+.1f}"
-    p = "p undefined, identical runs" if c.p_value is None else f"paired t-test p={c.p_value:.3f}"
-    reference_words = "no dropout" if reference.baseline == "none" else f"the {reference.label} baseline"
-    if not c.significant:
-        return (
-            f"Within noise: the best searched placement ({winner.description}) and {reference_words} differ by "
-            f"{diff:+.1f} points ({interval}, {p}, {n_seeds} seeds). {n_seeds} seeds cannot tell them apart; "
-            f"{reference_words} is as good an answer."
-        )
-    if c.mean_difference > 0:
-        return (
-            f"Confirmed: {winner.description} beats {reference_words} by {diff:+.1f} points "
-            f"({interval}, {p}, {n_seeds} seeds)."
-        )
-    return (
-        f"Not confirmed: {reference_words} beats the best searched placement ({winner.description}) by "
-        f"{-diff:.1f} points ({interval}, {p}, {n_seeds} seeds); its search score was luck."
-    )
+    how = {
+        "decided": "the interval excludes zero",
+        "settled": f"the interval lies within +-{100 * DECISION_WIDTH:.0f} point of zero",
+        "cap": f"undecided at the cap of {c.n_seeds} seeds: autodrop confirm --seeds N with more would narrow it",
+        "fixed": "as many seeds as asked",
+    }[stopped]
+    figures = f"{_interval(c)}, {c.n_seeds} seeds; {how}"
+    if c.significant and c.mean_difference > 0:
+        verdict = f"Confirmed: {winner.description} beats no dropout by {diff:+.1f} points ({figures})."
+    elif c.significant:
+        verdict = (f"Not confirmed: no dropout beats the best searched placement ({winner.description}) by "
+                   f"{-diff:.1f} points ({figures}); its search score was luck.")
+    else:
+        verdict = (f"Within noise: the best searched placement ({winner.description}) and no dropout differ by "
+                   f"{diff:+.1f} points ({figures}). No dropout is as good an answer.")
+    if against is not None:
+        recipe = against.reference
+        gap = 100 * against.mean_difference
+        if against.significant and against.mean_difference > 0:
+            verdict += f" It also beats the best usual recipe, {recipe}, by {gap:+.1f} points ({_interval(against)})."
+        elif against.significant:
+            verdict += (f" The usual recipe {recipe} does better still, by {-gap:.1f} points ({_interval(against)}): "
+                        "prefer it.")
+        else:
+            verdict += (f" Against the best usual recipe, {recipe}: {gap:+.1f} points ({_interval(against)}), "
+                        "within noise: the simpler recipe is as good.")
+    return verdict

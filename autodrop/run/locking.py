@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from autodrop.config import sqlite_file
+from autodrop.config import sqlite_file, storage_dialect
 from autodrop.errors import AutodropWarning, StorageError
 from autodrop.run.storage import safe_url
 
@@ -43,7 +43,7 @@ class StorageLock:
         self._engine: Any = None
         if self.mechanism == "none":
             warnings.warn(
-                f"autodrop has no cross-process lock for {_dialect(url)!r} storages: create the study before "
+                f"autodrop has no cross-process lock for {storage_dialect(url)!r} storages: create the study before "
                 "starting workers (--create-only), and expect up to one extra finished trial per worker "
                 "beyond --trials. PostgreSQL and SQLite have no such limit.",
                 AutodropWarning,
@@ -90,12 +90,8 @@ class StorageLock:
             yield
 
 
-def _dialect(url: str) -> str:
-    return url.split(":", 1)[0].split("+", 1)[0]
-
-
 def _lock_mechanism(url: str) -> str:
-    dialect = _dialect(url)
+    dialect = storage_dialect(url)
     if dialect == "postgresql":
         return "postgresql"
     if dialect == "sqlite":

@@ -31,6 +31,7 @@ SETTINGS_KEY = "autodrop.config"
 DATA_KEY = "autodrop.data"
 SITES_KEY = "autodrop.sites"
 CONFIRMATION_KEY = "autodrop.confirmation"
+CONFIRMATION_RUNS_KEY = "autodrop.confirmation_runs"  # placement key -> seed -> [val accuracy, gap]
 ARTIFACT_DIR_KEY = "autodrop.artifact_dir"
 NORMALISER_KEY = "autodrop.normaliser"  # per channel: x * scale + shift on 0..255 pixels
 
@@ -177,6 +178,20 @@ def describe_placement(placement: Mapping[str, float | None], variants: Mapping[
             notes.append(variant["slot"])
         on.append(f"{site} at {rate:.2f}" + (f" ({', '.join(notes)})" if notes else ""))
     return ", ".join(on) if on else "no dropout"
+
+
+def placement_key(placement: Mapping[str, float | None], variants: Mapping[str, Mapping[str, str]] | None = None) -> str:
+    """Return a canonical text for a placement and its variants: the key its confirmation runs are
+    stored under, equal for equal placements whichever trial found them."""
+    variants = variants or {}
+    parts = []
+    for site in sorted(placement):
+        rate = placement[site]
+        if rate is None:
+            continue
+        variant = ",".join(f"{k}={v}" for k, v in sorted(variants.get(site, {}).items()))
+        parts.append(f"{site}={float(rate)!r}" + (f"[{variant}]" if variant else ""))
+    return ";".join(parts) or "none"
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -336,3 +351,25 @@ def _is_number(value: Any) -> bool:
 
 def _is_accuracy(value: Any) -> bool:
     return _is_number(value) and 0.0 <= value <= 1.0
+
+
+def read_confirmation_runs(study: Any) -> dict[str, dict[str, list[float]]]:
+    """Return the confirmation runs stored with the study, checked (placement key -> seed -> [val
+    accuracy, gap]); an entry autodrop would not write is refused."""
+    stored = study.user_attrs.get(CONFIRMATION_RUNS_KEY)
+    if stored is None:
+        return {}
+    bad = StorageError(f"study {study.study_name!r} holds confirmation runs autodrop does not write "
+                       f"({CONFIRMATION_RUNS_KEY}).")
+    if not isinstance(stored, dict):
+        raise bad
+    runs: dict[str, dict[str, list[float]]] = {}
+    for key, by_seed in stored.items():
+        if not (isinstance(key, str) and isinstance(by_seed, dict)):
+            raise bad
+        for seed, figures in by_seed.items():
+            if not (isinstance(seed, str) and seed.isdigit() and isinstance(figures, list) and len(figures) == 2
+                    and _is_accuracy(figures[0]) and _is_number(figures[1]) and -1.0 <= figures[1] <= 1.0):
+                raise bad
+        runs[key] = {seed: [float(f) for f in figures] for seed, figures in by_seed.items()}
+    return runs

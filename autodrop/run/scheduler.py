@@ -114,7 +114,12 @@ class Heartbeat:
     def _beat(self) -> None:
         interval = self._storage.get_heartbeat_interval()
         while not self._stop.wait(interval):
-            for trial_id in list(self._trial_ids()):
+            try:
+                trial_ids = list(self._trial_ids())
+            except Exception as e:  # the trials changed under us: beat for them at the next interval
+                _logger.debug("heartbeat: the running trials could not be read: %s", e)
+                continue
+            for trial_id in trial_ids:
                 try:
                     self._storage.record_heartbeat(trial_id)
                 except Exception as e:  # a database hiccup: keep beating, the next one may get through
@@ -177,14 +182,19 @@ def run_trials(
         try:
             while True:
                 if guard.requested is not None:
-                    raise Interrupted(guard.requested)
+                    # A first stop signal lets trials that are all about to train their last step
+                    # finish; nothing new starts.
+                    if not (runner.running() and runner.in_last_step() and guard.n_signals == 1):
+                        raise Interrupted(guard.requested)
+                    worker.train_and_record()
+                    continue
                 starting = may_start()
-                n_finished, n_running = worker.admit(n_trials) if starting else (0, 0)
+                n_finished, n_running, n_ended = worker.admit(n_trials) if starting else (0, 0, 0)
                 if runner.running():
                     worker.train_and_record()
                 elif not starting or n_finished >= n_trials:
                     return
-                else:
+                elif n_ended == 0:  # (a trial that ended as it started frees its place at once)
                     if on_wait is not None:
                         on_wait(n_running)  # the trials still needed run elsewhere
                     guard.wakeup.wait(poll_s)
@@ -201,19 +211,22 @@ class _Worker:
         self.study, self.storage, self.runner, self.lock, self.guard = study, storage, runner, lock, guard
         self.study_id = storage.get_study_id_from_name(study.study_name)
 
-    def end(self, trial: optuna.Trial, outcome: Outcome) -> None:
+    def end(self, trial: optuna.Trial, outcome: Outcome, *, catch: tuple[type[Exception], ...] | None = None) -> None:
         """Tell the study how ``trial`` ended, and the runner that it was told."""
-        frozen = tell_trial(self.study, self.storage, trial, outcome.value, outcome.state, outcome.error,
-                            self.runner.catch)
+        catch = self.runner.catch if catch is None else catch
+        if isinstance(outcome.error, self.runner.catch):
+            _logger.warning("trial %d failed: %s", trial.number, outcome.error)
+        frozen = tell_trial(self.study, self.storage, trial, outcome.value, outcome.state, outcome.error, catch)
         if frozen is not None:
             self.runner.after(frozen)
 
-    def admit(self, n_trials: int) -> tuple[int, int]:
+    def admit(self, n_trials: int) -> tuple[int, int, int]:
         """Admit and set up trials for the runner's free places; return the finished and running
-        counts seen (0, 0 when it had no free place)."""
+        counts seen (0, 0 when it had no free place) and how many admitted trials ended at once."""
         free = self.runner.capacity - len(self.runner.running())
         if free <= 0:
-            return 0, 0
+            return 0, 0, 0
+        n_ended = 0
         with self.guard.critical():
             started, n_finished, n_running = admit_trials(self.study, self.storage, self.study_id, self.lock,
                                                           n_trials, limit=free)
@@ -223,17 +236,18 @@ class _Worker:
                 try:
                     outcome = self.runner.start(trial)
                 except Exception as e:
-                    # This one fails; the others admitted with it go back to the queue (the running
-                    # ones are queued by run_trials's handler).
-                    self.end(trial, Outcome(TrialState.FAIL, error=e))
+                    # This one fails; the others admitted with it go back to the queue first (the
+                    # running ones are queued by run_trials's handler).
                     with self.lock.hold():
                         for other in started[i + 1 :]:
                             fail_and_requeue(self.study, self.storage, other,
                                              f"its pack stopped on {type(e).__name__}: {e}")
+                    self.end(trial, Outcome(TrialState.FAIL, error=e), catch=(Exception,))
                     raise
                 if outcome is not None:
                     self.end(trial, outcome)
-        return n_finished, n_running
+                    n_ended += 1
+        return n_finished, n_running, n_ended
 
     def train_and_record(self) -> None:
         """Train every running trial one step, then put each one's step on record."""
@@ -245,15 +259,14 @@ class _Worker:
             guard.raise_if_stopping()
             results = runner.step()
         except Exception as e:
-            if len(runner.running()) != 1:
-                raise  # several trained together: run_trials's handler queues them all again
+            if runner.packed:
+                raise  # trained together: run_trials's handler queues every member again
             (trial,) = runner.running()  # a lone trial's error is its own
             runner.forget(trial)
             with guard.critical():
                 self.end(trial, Outcome(TrialState.FAIL, error=e))
             if not _caught(e, runner):
                 raise
-            _logger.warning("trial %d failed: %s", trial.number, e)
             return
         finally:
             guard.in_trial = False
@@ -261,7 +274,9 @@ class _Worker:
             with guard.critical():
                 try:
                     outcome = runner.record(trial, result)
-                except Exception as e:  # writing this trial's record failed: it fails, alone
+                except Exception as e:
+                    if runner.packed:
+                        raise  # the pack's members go back to the queue together, as above
                     runner.forget(trial)
                     outcome = Outcome(TrialState.FAIL, error=e)
                 if outcome is not None:

@@ -29,7 +29,8 @@ from autodrop.run.scheduler import run_trials
 from autodrop.run.signals import Interrupted
 from autodrop.run.space import baseline_placements, default_variants, placement_to_params, variant_choices
 from autodrop.run.storage import open_storage
-from autodrop.run.study import count_finished, create_or_load_study, make_pruner, make_sampler
+from autodrop.run.pruning import make_pruner
+from autodrop.run.study import best_value, count_finished, create_or_load_study, make_sampler
 from autodrop.run.trials import StudyTrials
 from autodrop.training.data import ImageData, load_data
 from autodrop.training.device import resolve_device
@@ -95,8 +96,8 @@ def prepare_study(config: SearchConfig) -> PreparedStudy:
             storage,
             config.study_name,
             settings=config_to_options(config),
-            sampler=make_sampler(config.seed),
-            pruner=make_pruner(config.pruner, config.train.epochs),
+            sampler=make_sampler(config.sampler, config.seed),
+            pruner=make_pruner(config.pruner, config.train.epochs, n_val=len(data.val_labels)),
         )
         _record_data_and_sites(study, data, model.kinds)
         _enqueue_baselines(study, model.kinds, choices, config)
@@ -203,10 +204,7 @@ def _run_worker_processes(prepared: PreparedStudy, config: SearchConfig, progres
         nonlocal done
         now = count_finished(study)
         if now > done:
-            try:
-                best = study.best_value
-            except ValueError:
-                best = None
+            best = best_value(study)
             for _ in range(now - done):
                 progress.trial_done(best)
             done = now

@@ -9,7 +9,7 @@ from typing import Any
 
 import optuna
 
-from autodrop.config import SearchConfig, sqlite_file
+from autodrop.config import SearchConfig, sqlite_file, storage_dialect
 from autodrop.errors import ConfigError, StorageError
 from autodrop.run.records import PACKED
 
@@ -81,10 +81,10 @@ def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseS
             raise StorageError(f"cannot create the study file {str(path)!r}: folder {str(path.parent)!r} does not exist.")
     heartbeat_interval, grace_period = heartbeat_settings()
     engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
+    if storage_dialect(url) == "sqlite":
         # Several local workers and the heartbeat thread write to one file: wait for the lock.
         engine_kwargs["connect_args"] = {"timeout": 60}
-    elif url.startswith("postgresql"):
+    elif storage_dialect(url) == "postgresql":
         engine_kwargs["pool_pre_ping"] = True
     try:
         with warnings.catch_warnings():

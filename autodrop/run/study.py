@@ -14,22 +14,16 @@ from autodrop.run.records import METRIC_NAME, SETTINGS_KEY, TRIAL_SETTINGS, stor
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
-    """Return grouped multivariate TPE, which models rates that exist only when their site is on."""
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """Return the sampler called ``name``: grouped multivariate TPE (it models rates that exist only
+    when their site is on), or random search."""
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name != "tpe":
+        raise ConfigError(f"--sampler must be one of tpe, random, but got {name!r}.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed)
-
-
-def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    """Return the pruner called ``name``, its warm-up fitted to ``epochs``."""
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, epochs // 4))
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise ConfigError(f"--pruner must be one of median, hyperband, none, but got {name!r}.")
 
 
 def create_or_load_study(
@@ -76,3 +70,11 @@ def _normalise(value: Any) -> Any:
 def count_finished(study: optuna.Study) -> int:
     """Return how many trials finished (completed or pruned); failed ones do not count."""
     return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+
+def best_value(study: optuna.Study) -> float | None:
+    """Return the study's best value so far, or None before any trial has completed."""
+    try:
+        return study.best_value
+    except ValueError:
+        return None

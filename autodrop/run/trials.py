@@ -27,7 +27,7 @@ from autodrop.run.progress import Progress
 from autodrop.run.records import Placement, Variants
 from autodrop.run.scheduler import Outcome, TrialRunner
 from autodrop.run.space import suggest_placement, suggest_variants
-from autodrop.run.study import FINISHED_STATES
+from autodrop.run.study import FINISHED_STATES, best_value
 from autodrop.training.loop import EpochMetrics, Member, MemberTrainer, SoloTrainer, TrainingDiverged, TrialMetrics
 from autodrop.training.normaliser import Normaliser
 from autodrop.training.packed import PackTrainer
@@ -93,7 +93,7 @@ class StudyTrials(TrialRunner):
     # --- what the scheduler calls -------------------------------------------------------------
 
     def running(self) -> list[optuna.Trial]:
-        return [setup.trial for setup in self.members.values()]
+        return [setup.trial for setup in list(self.members.values())]  # a snapshot: the heartbeat reads it
 
     def start(self, trial: optuna.Trial) -> Outcome | None:
         setup = self.set_up(trial)
@@ -145,10 +145,7 @@ class StudyTrials(TrialRunner):
             remove_checkpoint(trial.user_attrs[records.CHECKPOINT])
         if trial.state in FINISHED_STATES:
             self.consecutive_failures = 0
-            try:
-                best = self.study.best_value
-            except ValueError:
-                best = None
+            best = best_value(self.study)
             self.progress.trial_done(best)
         elif trial.state == optuna.trial.TrialState.FAIL:
             self.consecutive_failures += 1

@@ -24,7 +24,6 @@ BUILTIN_DATASETS = ("digits",)
 # Splits and subsets use this seed whatever the search's seed, so that every search (and every
 # confirmation run) of one dataset is judged on the same validation images.
 SPLIT_SEED = 0
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,6 @@ class TrialMetrics:
     val_loss: float
     train_accuracy: float
     train_loss: float
-    epochs: int
 
     @property
     def gap(self) -> float:
@@ -172,7 +171,7 @@ class TrialTrainer:
         assert self.last is not None
         train_loss, train_accuracy = evaluate(self.model, self.data.train_images, self.data.train_labels,
                                               self.normaliser, self.device)
-        return TrialMetrics(self.last.val_accuracy, self.last.val_loss, train_accuracy, train_loss, self.config.epochs)
+        return TrialMetrics(self.last.val_accuracy, self.last.val_loss, train_accuracy, train_loss)
 
 
 def train_trial(

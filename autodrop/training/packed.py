@@ -172,7 +172,7 @@ class PackTrainer(MemberTrainer):
             model.to(memory_format=torch.channels_last)
         train_loss, train_accuracy = evaluate(model, self.data.train_images, self.data.train_labels,
                                               self.normaliser, self.device)
-        return TrialMetrics(last.val_accuracy, last.val_loss, train_accuracy, train_loss, last.epoch), model
+        return TrialMetrics(last.val_accuracy, last.val_loss, train_accuracy, train_loss), model
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> list[tuple[float, float]]:
         """Return each member's (mean loss, accuracy) in eval mode."""

@@ -75,7 +75,7 @@ def test_trials_are_pruned_when_the_pruner_says_so_but_baselines_never(tmp_path,
         def prune(self, study, trial):
             return True
 
-    monkeypatch.setattr(search_module, "make_pruner", lambda name, epochs: AlwaysPrune())
+    monkeypatch.setattr(search_module, "make_pruner", lambda name, epochs, n_val: AlwaysPrune())
     options = tiny_options(tmp_path, trials=7, epochs=3)
     result = autodrop.search(**options)
     trials = _study(options).trials
@@ -88,11 +88,17 @@ def test_trials_are_pruned_when_the_pruner_says_so_but_baselines_never(tmp_path,
     assert result.n_pruned == len(sampled)
 
 
-def test_median_pruner_warms_up_for_a_quarter_of_the_epochs():
-    pruner = search_module.make_pruner("median", 8)
-    assert isinstance(pruner, optuna.pruners.MedianPruner) and pruner._n_warmup_steps == 2
-    assert isinstance(search_module.make_pruner("hyperband", 8), optuna.pruners.HyperbandPruner)
-    assert isinstance(search_module.make_pruner("none", 8), optuna.pruners.NopPruner)
+def test_the_default_pruner_prunes_a_real_search_but_never_a_baseline(tmp_path):
+    # Rates up to 0.95 make some placements hopeless: the noise pruner stops them at epoch 2 of 3.
+    options = tiny_options(tmp_path, trials=12, epochs=3, rate_range=(0.05, 0.95))
+    options.pop("pruner")
+    result = autodrop.search(**options)
+    trials = _study(options).trials
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned and result.n_pruned == len(pruned)
+    assert all("baseline" not in t.user_attrs for t in pruned)
+    assert all(sorted(t.intermediate_values) == [1, 2] for t in pruned)  # not before two thirds of the epochs
+    assert all(t.state == TrialState.COMPLETE for t in trials if "baseline" in t.user_attrs)
 
 
 def _diverge_trials(monkeypatch, which) -> None:

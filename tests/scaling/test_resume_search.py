@@ -81,3 +81,13 @@ def test_interrupted_trial_resumes_from_its_checkpoint_to_the_same_result(tiny_i
     assert result.n_finished == 1
     assert not checkpoint.exists()  # removed once the trial finished, with the folders autodrop made
     assert not (tmp_path / "autodrop-checkpoints").exists()
+
+
+def test_a_stop_while_the_next_to_last_epoch_is_recorded_lets_the_last_epoch_finish(
+        tiny_images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = _config(tiny_images, tmp_path / "finishing.db")
+    with pytest.raises(Interrupted):
+        run_search(config=config, progress=StopAtEpoch(3))  # 4 epochs: the signal comes as epoch 3 is recorded
+    (trial,) = optuna.load_study(study_name="resume", storage=config.storage_url).trials
+    assert trial.state == TrialState.COMPLETE and sorted(trial.intermediate_values) == [1, 2, 3, 4]
