@@ -38,6 +38,10 @@ _BUILTIN_HELP = "\b\nBuilt-in models:\n" + "\n".join(
 )
 _STUDY_HELP = "Study name; default: the storage's only study."
 _STORAGE_HELP = "Optuna storage URL; default: sqlite file ./autodrop.db."
+_TRUSTED_MODEL_HELP = ("The study's own model (FILE.py:Name, package.module:Name, torchvision:NAME), named again: "
+                       "autodrop imports no code a study names. Not needed for a built-in model.")
+_TRUSTED_DATA_HELP = ("The folder of images the study was searched on, named again (it must hold the same images): "
+                      "autodrop reads no folder a study names. Not needed for the built-in digits.")
 _MODEL_ARG_HELP = "An argument for your model's constructor, e.g. --model-arg width=16 (repeatable)."
 
 
@@ -133,9 +137,11 @@ def search(ctx: click.Context, spec: str | None, quiet: bool, model_arg: tuple[s
             from autodrop.run.search import create_study
 
             n_queued, n_other = create_study(config)
+            from autodrop.run.storage import safe_url
+
             click.echo(
-                f"Study {config.study_name!r} is ready in {config.storage_url}: {n_queued} trial(s) queued, "
-                f"{n_other} started or finished."
+                f"Study {config.study_name!r} is ready in {safe_url(config.storage_url)}: {n_queued} trial(s) "
+                f"queued, {n_other} started or finished."
             )
             click.echo("Start workers (here or on other machines) with the same options, without --create-only.")
             return
@@ -155,8 +161,11 @@ def search(ctx: click.Context, spec: str | None, quiet: bool, model_arg: tuple[s
         sys.exit(getattr(e, "exit_code", 130))
     click.echo(format_result(result))
     click.echo("")
-    click.echo(f"Stored as study {result.study_name!r} in {result.storage_url}")
-    where = f"--study {shlex.quote(result.study_name)} --storage {shlex.quote(result.storage_url)}"
+    from autodrop.run.storage import safe_url
+
+    shown = safe_url(result.storage_url)
+    click.echo(f"Stored as study {result.study_name!r} in {shown}")
+    where = f"--study {shlex.quote(result.study_name)} --storage {shlex.quote(shown)}"
     click.echo(f"Look further: autodrop report {where} --html report.html   (or: autodrop dashboard {where})")
 
 
@@ -168,12 +177,13 @@ _ARTIFACT_HELP = "Folder of the kept weights; default: the one the search record
 @click.option("--storage", default=None, help=_STORAGE_HELP)
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
               help="Also write a self-contained HTML page (works offline).")
-def report(study: str | None, storage: str | None, html_path: str | None) -> None:
+@click.option("--model", default=None, help=_TRUSTED_MODEL_HELP)
+def report(study: str | None, storage: str | None, html_path: str | None, model: str | None) -> None:
     """Print a study's answer from storage; --html also writes a page."""
     from autodrop.outputs.page import make_report
 
     try:
-        result = make_report(study, storage, html_path=html_path)
+        result = make_report(study, storage, html_path=html_path, model=model)
     except AutodropError as e:
         raise UserInputError(str(e)) from e
     click.echo(result.text)
@@ -218,14 +228,16 @@ def dashboard(study: str | None, storage: str | None, host: str, port: int, arti
 @click.option("--artifact-dir", default=None, help=_ARTIFACT_HELP)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where to retrain when the trial's weights were not kept.")
+@click.option("--model", default=None, help=_TRUSTED_MODEL_HELP)
+@click.option("--data", default=None, help=_TRUSTED_DATA_HELP)
 def export(study: str | None, storage: str | None, trial: int | None, out: str, weights: str | None,
-           artifact_dir: str | None, device: str) -> None:
+           artifact_dir: str | None, device: str, model: str | None, data: str | None) -> None:
     """Write a trial's network as PyTorch source, and its weights."""
     from autodrop.outputs.export import export_model
 
     try:
         result = export_model(study, storage, out=out, trial=trial, weights=weights, artifact_dir=artifact_dir,
-                              device=device)
+                              device=device, model=model, data=data)
     except AutodropError as e:
         raise UserInputError(str(e)) from e
     click.echo(result.describe())
@@ -240,9 +252,11 @@ def export(study: str | None, storage: str | None, trial: int | None, out: str, 
 @click.option("--max-seeds", type=int, default=10, show_default=True, help="The cap when seeds are added as needed.")
 @click.option("--top", type=int, default=3, show_default=True, help="Best searched placements to retrain.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--model", default=None, help=_TRUSTED_MODEL_HELP)
+@click.option("--data", default=None, help=_TRUSTED_DATA_HELP)
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def confirm(study_name: str | None, storage: str | None, seeds: int | None, max_seeds: int, top: int, device: str,
-            quiet: bool) -> None:
+            model: str | None, data: str | None, quiet: bool) -> None:
     """Retrain the top placements and every baseline with fresh seeds, and test the lead."""
     from autodrop.outputs.text import format_confirmation
 
@@ -254,7 +268,7 @@ def confirm(study_name: str | None, storage: str | None, seeds: int | None, max_
         from autodrop.run.confirm import confirm_study
 
         confirmation = confirm_study(study_name, storage, n_seeds=seeds, max_seeds=max_seeds, top=top, device=device,
-                                     on_run=on_run)
+                                     model=model, data=data, on_run=on_run)
     except AutodropError as e:
         raise UserInputError(str(e)) from e
     click.echo(format_confirmation(confirmation.to_dict()))

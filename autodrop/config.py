@@ -32,6 +32,7 @@ DROPOUT_KINDS = ("element", "channel")
 SLOTS = ("after-act", "before-bn")
 SCHEDULES = ("whole", "early")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+BUILTIN_DATASETS = ("digits",)  # data names that are not folders
 DEFAULT_STORAGE_FILE = "autodrop.db"
 DEFAULT_CHECKPOINT_DIR = "autodrop-checkpoints"
 _DEVICE_PATTERN = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")

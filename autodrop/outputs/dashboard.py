@@ -20,7 +20,8 @@ from typing import Any, Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from autodrop.errors import ConfigError, StorageError
-from autodrop.run.artifacts import open_artifact_store, resolve_artifact_dir
+from autodrop.run.artifacts import artifact_dir as artifact_folder
+from autodrop.run.artifacts import open_artifact_store
 from autodrop.run.storage import open_existing_study
 
 DEFAULT_HOST = "127.0.0.1"
@@ -59,7 +60,7 @@ def create_dashboard_app(
     optuna_study, storage_obj, url = opened.study, opened.storage, opened.url
     if not optuna_study.get_trials(deepcopy=False):
         raise StorageError(f"study {optuna_study.study_name!r} has no trials yet; run autodrop search first.")
-    folder = resolve_artifact_dir(optuna_study, url, artifact_dir)
+    folder = artifact_folder(url, artifact_dir)
     store = open_artifact_store(folder)
     if store is None and artifact_dir is not None:
         raise ConfigError(f"--artifact-dir {str(artifact_dir)!r} does not exist.")

@@ -22,14 +22,10 @@ from autodrop.errors import ConfigError, ModelError, StorageError
 from autodrop.nets.builtin import BUILTIN_MODELS
 from autodrop.nets.shape import ModelShape
 from autodrop.outputs.files import check_writable, write_text
-from autodrop.run.artifacts import (
-    find_weights,
-    load_weights,
-    open_artifact_store,
-    read_normaliser,
-    resolve_artifact_dir,
-)
-from autodrop.run.records import best_trial, describe_placement, read_study, read_trial
+from autodrop.run.artifacts import artifact_dir as artifact_folder
+from autodrop.run.artifacts import load_weights, open_artifact_store, read_normaliser
+from autodrop.run.records import StudyRecord, best_trial, describe_placement, read_study, read_trial
+from autodrop.run.trust import check_same_data, data_record, needs_model, trusted_config
 from autodrop.run.storage import open_existing_study
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,7 +48,9 @@ class ExportRecord:
     train_accuracy: float | None
     seed: int
     scaling: tuple[list[float], list[float]] | None  # per-channel (scale, shift); None if not stored
-    variants: dict[str, dict[str, str]] = field(default_factory=dict)  # site -> dropout kind / order, where chosen
+    variants: dict[str, dict[str, str]] = field(default_factory=dict)  # site -> dropout kind / slot, where chosen
+    study: StudyRecord | None = None  # the study's record, for what must be checked against it
+    weights: tuple[str, str] | None = None  # (artifact id, sha256) of the kept weights; None if none were kept
 
 
 @dataclass(frozen=True)
@@ -99,22 +97,28 @@ def export_model(
     weights: str | os.PathLike[str] | None = None,
     artifact_dir: str | os.PathLike[str] | None = None,
     device: str = "auto",
+    model: str | None = None,
+    data: str | None = None,
 ) -> ExportResult:
     """Write trial ``trial`` (default: the best) of ``study`` as PyTorch source, and its weights.
 
     ``storage`` defaults to ./autodrop.db and ``study`` to the storage's only study. Weights come
-    from the artifact the search kept; if none was kept, the trial is retrained with its seed.
+    from the artifact the search kept (checked against the digest it recorded); if none was kept,
+    the trial is retrained with its seed. ``model`` and ``data`` name the study's own model and
+    image folder, which are never taken from the study itself (run/trust.py).
     """
     out_path = check_writable(out, "--out")
     weights_path = None if weights is None else check_writable(weights, "--weights")
     if weights_path is not None and weights_path == out_path:
         raise ConfigError(f"--out and --weights must be different files, but both are {str(out_path)!r}.")
     opened = open_existing_study(study, storage)
-    optuna_study, storage_obj, url = opened.study, opened.storage, opened.url
+    optuna_study, url = opened.study, opened.url
     frozen = choose_trial(optuna_study, trial)
     record = read_export_record(optuna_study, frozen)
+    assert record.study is not None
+    record = replace(record, config=trusted_config(record.study, model=model, need_data=False))
     if record.scaling is None:  # a study from before the scaling was recorded: compute it again
-        record = replace(record, scaling=_scaling_from_data(record))
+        record = replace(record, scaling=_scaling_from_data(record, data))
     exporter = get_exporter(record.config.model)
     class_name = class_name_for(record.config.model)
     source, model = exporter(record, class_name)
@@ -122,13 +126,12 @@ def export_model(
     weights_from = retrained_accuracy = None
     state = None
     if weights_path is not None:
-        store = open_artifact_store(resolve_artifact_dir(optuna_study, url, artifact_dir))
-        artifact_id = find_weights(frozen, storage_obj)
-        state = None if artifact_id is None else load_weights(store, artifact_id)
+        store = open_artifact_store(artifact_folder(url, artifact_dir))
+        state = None if record.weights is None else load_weights(store, record.weights)
         if state is not None:
             weights_from = "stored"
         else:
-            state, retrained_accuracy = _retrain(record, device)
+            state, retrained_accuracy = _retrain(record, device, data)
             weights_from = "retrained"
         try:
             model.load_state_dict(state, strict=True)
@@ -204,6 +207,8 @@ def read_export_record(study: optuna.Study, frozen: FrozenTrial) -> ExportRecord
         train_accuracy=trial.train_accuracy,
         seed=trial.seed,
         scaling=read_normaliser(study, data.channels),
+        study=record,
+        weights=trial.weights,
     )
 
 
@@ -474,25 +479,37 @@ def _check_source(source: str, class_name: str, model: "nn.Module") -> None:
             raise ModelError(f"the written layer {attr} is {getattr(written, attr)!r}, not {layer!r}.")
 
 
-def _scaling_from_data(record: ExportRecord) -> tuple[list[float], list[float]]:
+def _trusted_data(record: ExportRecord, data: str | None) -> "tuple[Any, SearchConfig]":
+    """Return the study's images, loaded from the folder the user named and checked to be the ones
+    it was searched on, and the settings to train with."""
     from autodrop.training.data import load_data
+
+    assert record.study is not None
+    config = trusted_config(record.study, model=None if not needs_model(record.study) else record.config.model,
+                            data=data)
+    images = load_data(config.data)
+    check_same_data(record.study, data_record(images))
+    return images, config
+
+
+def _scaling_from_data(record: ExportRecord, data: str | None) -> tuple[list[float], list[float]]:
     from autodrop.training.normaliser import Normaliser
 
-    normaliser = Normaliser(load_data(record.config.data).train_images)
+    images, _ = _trusted_data(record, data)
+    normaliser = Normaliser(images.train_images)
     return normaliser.scale.flatten().tolist(), normaliser.shift.flatten().tolist()
 
 
-def _retrain(record: ExportRecord, device_name: str) -> "tuple[dict[str, Any], float]":
+def _retrain(record: ExportRecord, device_name: str, data: str | None) -> "tuple[dict[str, Any], float]":
     """Train the trial's network again with its seed; return its weights and validation accuracy."""
-    from autodrop.training.data import load_data
     from autodrop.training.device import resolve_device
     from autodrop.training.normaliser import Normaliser
     from autodrop.training.placement import train_placement
 
     device = resolve_device(device_name)
-    data = load_data(record.config.data)
-    normaliser = Normaliser(data.train_images).to(device)
-    metrics, model = train_placement(record.config, data.to(device), normaliser, record.placement, record.variants,
+    images, config = _trusted_data(record, data)
+    normaliser = Normaliser(images.train_images).to(device)
+    metrics, model = train_placement(config, images.to(device), normaliser, record.placement, record.variants,
                                      seed=record.seed, device=device)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     return state, metrics.val_accuracy

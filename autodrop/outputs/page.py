@@ -19,7 +19,9 @@ from autodrop.errors import StorageError
 from autodrop.outputs.files import check_writable, write_text
 from autodrop.outputs.results import SearchResult, TrialSummary, summarize_study
 from autodrop.outputs.text import format_result, site_story
+from autodrop.run.records import read_study
 from autodrop.run.storage import open_existing_study, safe_url
+from autodrop.run.trust import needs_model, trusted_config
 from autodrop.run.study import count_finished
 
 # Colours used across the page, so the same thing looks the same in every figure.
@@ -39,11 +41,14 @@ class Report:
 
 
 def make_report(
-    study: str | None = None, storage: str | None = None, *, html_path: str | os.PathLike[str] | None = None
+    study: str | None = None, storage: str | None = None, *, html_path: str | os.PathLike[str] | None = None,
+    model: str | None = None,
 ) -> Report:
     """Return the study's answer as terminal text, writing the HTML page too when ``html_path`` is given.
 
-    ``storage`` defaults to ./autodrop.db and ``study`` to the storage's only study.
+    ``storage`` defaults to ./autodrop.db and ``study`` to the storage's only study. The page draws
+    the network's layers by rebuilding it: a built-in model from its name, the user's own only
+    when ``model`` names it again (run/trust.py); without it the page shows the sites alone.
     """
     target = None if html_path is None else check_writable(html_path, "--html")
     opened = open_existing_study(study, storage)
@@ -56,15 +61,24 @@ def make_report(
         )
     result = summarize_study(optuna_study, url)
     if target is not None:
-        write_text(target, render_html(result), "--html")
+        record = read_study(optuna_study)
+        if needs_model(record) and model is None:
+            network: str | None = None
+        else:
+            network = trusted_config(record, model=model, need_data=False).model
+        write_text(target, render_html(result, network_model=network), "--html")
     return Report(result=result, text=format_result(result), html_path=target)
 
 
 # -- the page ----------------------------------------------------------------------------------
 
 
-def render_html(result: SearchResult) -> str:
-    """Return the report page of a study's answer as one self-contained HTML document."""
+def render_html(result: SearchResult, *, network_model: str | None = None) -> str:
+    """Return the report page of a study's answer as one self-contained HTML document.
+
+    ``network_model`` is the model to rebuild for the picture of the network (checked by the
+    caller); None draws the sites alone.
+    """
     figures = [
         ("baselines", "Best trial against the baselines",
          "Validation accuracy (dark) with train accuracy beside it (light): the difference is the gap.",
@@ -122,7 +136,7 @@ def render_html(result: SearchResult) -> str:
         headline=_e(headline),
         verdict=_e(result.verdict),
         story=_e(site_story(result)),
-        network=network_html(result),
+        network=network_html(result, network_model),
         baselines=blocks["baselines"],
         importance=blocks["importance"],
         history=blocks["history"],
@@ -165,21 +179,28 @@ def _pct(value: float | None) -> str:
 # -- the network column ------------------------------------------------------------------------
 
 
-def network_layers(result: SearchResult) -> list[tuple[str, str, str | None]]:
-    """Return (layer name, short description, site name or None) for the study's network, in order.
+def network_layers(result: SearchResult, model_name: str | None) -> tuple[list[tuple[str, str, str | None]], str]:
+    """Return (layer name, short description, site name or None) for the study's network, in order,
+    and a caption that says what is drawn.
 
-    The network is rebuilt from the stored model name and data shape; when that is not possible
-    (a model autodrop cannot build here) only the sites are listed.
+    The network is rebuilt from ``model_name`` (checked by the caller) and the stored data shape;
+    without one, or when it cannot be built here, only the sites are listed, and the caption says why.
     """
+    from autodrop.errors import AutodropError
+
+    sites_only = [(site, kind, site) for site, kind in result.sites.items()]
+    if model_name is None:
+        return sites_only, (f"Only the drop sites are drawn: rebuilding your own model needs --model "
+                            f"{result.settings.get('model')} (autodrop imports no code a study names).")
     try:
         from autodrop.nets.build import ModelShape, build_model
         from autodrop.nets.sites import DEFAULT_SLOT, DropSite
 
         data = result.data
         shape = ModelShape(int(data["channels"]), len(data["classes"]), int(data["image_size"]))
-        model = build_model(str(result.settings.get("model")), shape, model_args=result.settings.get("model-args") or {})
-    except Exception:  # any failure here only costs the picture its non-site layers
-        return [(site, kind, site) for site, kind in result.sites.items()]
+        model = build_model(model_name, shape, model_args=result.settings.get("model-args") or {})
+    except AutodropError as e:
+        return sites_only, f"Only the drop sites are drawn: the model could not be rebuilt here ({e})"
     # A site declared in two slots is drawn once, where the best trial put it.
     slots = {site: v.get("slot", DEFAULT_SLOT) for site, v in (result.best.variants if result.best else {}).items()}
     layers: list[tuple[str, str, str | None]] = []
@@ -190,7 +211,7 @@ def network_layers(result: SearchResult) -> list[tuple[str, str, str | None]]:
             layers.append((name, layer.kind, layer.site_name))
         else:
             layers.append((name, _describe_layer(layer), None))
-    return layers
+    return layers, ""
 
 
 def _describe_layer(layer: Any) -> str:
@@ -208,7 +229,7 @@ def _describe_layer(layer: Any) -> str:
     return kind
 
 
-def network_html(result: SearchResult) -> str:
+def network_html(result: SearchResult, model_name: str | None = None) -> str:
     """Return the network as a column of layer blocks, each drop site marked off or on with its rate."""
     best = result.best.placement if result.best is not None else {}
     rows: list[str] = ['<div class="net-input">input</div>']
@@ -223,7 +244,8 @@ def network_html(result: SearchResult) -> str:
             rows.append(f'<div class="block">{items}</div>')
             block.clear()
 
-    for name, description, site in network_layers(result):
+    layers, drawn = network_layers(result, model_name)
+    for name, description, site in layers:
         if site is None:
             block.append((name, description))
             continue
@@ -245,7 +267,7 @@ def network_html(result: SearchResult) -> str:
     caption = (
         f"Best trial ({result.best.number}): each candidate site is marked off, or on with its rate."
         if result.best is not None else "No completed trial yet: all sites shown off."
-    )
+    ) + (f" {drawn}" if drawn else "")
     return (
         f'<section class="card network" id="network"><h2>The network</h2><p class="caption">{_e(caption)}</p>'
         f'<div class="net">{"".join(rows)}</div></section>'

@@ -7,22 +7,24 @@ study, because Optuna itself does not remember which store a study used.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
-import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import optuna
-from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from autodrop.config import sqlite_file
 from autodrop.errors import ConfigError, StorageError
-from autodrop.run.records import ARTIFACT_DIR_KEY, NORMALISER_KEY, rank_key
+from autodrop.errors import AutodropWarning
+from autodrop.run.records import ARTIFACT_DIR_KEY, NORMALISER_KEY, WEIGHTS, rank_key
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -33,8 +35,6 @@ DEFAULT_ARTIFACT_DIR = "autodrop-artifacts"
 # trial's record cannot be changed afterwards, so weights are never deleted: the store ends with
 # the best few plus the earlier leaders, about KEEP_WEIGHTS * ln(trials) files.
 KEEP_WEIGHTS = 3
-_WEIGHTS_NAME = re.compile(r"^trial-(\d+)-weights\.pt$")
-_ARTIFACT_ID = re.compile(r"^[0-9a-fA-F-]{8,64}$")
 
 
 def weights_filename(number: int) -> str:
@@ -51,13 +51,11 @@ def default_artifact_dir(storage_url: str) -> Path:
     return Path.cwd() / DEFAULT_ARTIFACT_DIR
 
 
-def resolve_artifact_dir(study: optuna.Study, storage_url: str, override: str | os.PathLike[str] | None) -> Path:
-    """Return the artifact folder to use: ``override``, else the one the study recorded, else the default."""
+def artifact_dir(storage_url: str, override: str | os.PathLike[str] | None) -> Path:
+    """Return the artifact folder to use: ``override`` (``--artifact-dir``), else the default for
+    the storage. The folder a study records is never followed: it is shown when it differs."""
     if override is not None:
         return Path(override).expanduser().resolve()
-    recorded = study.user_attrs.get(ARTIFACT_DIR_KEY)
-    if isinstance(recorded, str) and recorded:
-        return Path(recorded)
     return default_artifact_dir(storage_url)
 
 
@@ -70,14 +68,14 @@ def prepare_records(
     study: optuna.Study,
     *,
     storage_url: str,
-    artifact_dir: str | None,
+    override: str | None,
     normaliser: Any,
 ) -> FileSystemArtifactStore:
     """Create the artifact folder, record it and the input scaling in the study; return the store.
 
     ``normaliser`` is the search's :class:`autodrop.training.normaliser.Normaliser` (its ``scale`` and ``shift``).
     """
-    path = resolve_artifact_dir(study, storage_url, artifact_dir)
+    path = artifact_dir(storage_url, override)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -150,10 +148,12 @@ def keep_weights_if_top(
     store: FileSystemArtifactStore,
     keep: int = KEEP_WEIGHTS,
 ) -> str | None:
-    """Store the model's weights as an artifact of ``trial`` if it ranks among the ``keep`` best.
+    """Store the model's weights as an artifact of ``trial`` if it ranks among the ``keep`` best,
+    and record the artifact's id and the file's digest with the trial (export trusts nothing else).
 
     Ranked as the report ranks (records.rank_key). Returns the artifact id, or None when the
-    weights were not kept.
+    weights were not kept. Best effort: a failure to write them (a full disk, say) is a warning,
+    never the end of a finished trial.
     """
     if not math.isfinite(val_accuracy):
         return None
@@ -165,35 +165,39 @@ def keep_weights_if_top(
     import torch
 
     state = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
-    with tempfile.TemporaryDirectory(prefix="autodrop-weights-") as folder:
-        path = Path(folder) / weights_filename(trial.number)
-        torch.save(state, path)
-        return upload_artifact(
-            artifact_store=store, file_path=str(path), study_or_trial=trial,
-            mimetype="application/octet-stream",
-        )
+    try:
+        with tempfile.TemporaryDirectory(prefix="autodrop-weights-") as folder:
+            path = Path(folder) / weights_filename(trial.number)
+            torch.save(state, path)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            artifact_id = upload_artifact(
+                artifact_store=store, file_path=str(path), study_or_trial=trial,
+                mimetype="application/octet-stream",
+            )
+    except OSError as e:
+        warnings.warn(f"the weights of trial {trial.number} could not be kept ({e.strerror or e}); the trial's "
+                      "results are, and export would retrain it.", AutodropWarning, stacklevel=2)
+        return None
+    trial.set_user_attr(WEIGHTS, {"artifact": artifact_id, "sha256": digest})
+    return artifact_id
 
 
-def find_weights(trial: FrozenTrial, storage: optuna.storages.BaseStorage) -> str | None:
-    """Return the artifact id of the weights kept for ``trial``, or None if none were kept."""
-    for meta in get_all_artifact_meta(trial, storage=storage):
-        match = _WEIGHTS_NAME.match(meta.filename or "")
-        if match and int(match.group(1)) == trial.number and _ARTIFACT_ID.match(meta.artifact_id):
-            return meta.artifact_id
-    return None
-
-
-def load_weights(store: FileSystemArtifactStore | None, artifact_id: str) -> "dict[str, torch.Tensor] | None":
-    """Return the state dict stored as ``artifact_id``, or None when its file is not in the store."""
+def load_weights(store: FileSystemArtifactStore | None, kept: tuple[str, str]) -> "dict[str, torch.Tensor] | None":
+    """Return the state dict kept as ``kept`` (artifact id, sha256), or None when its file is not in
+    the store; raise StorageError when the file there is not the one the search kept."""
     if store is None:
         return None
     import torch
 
+    artifact_id, digest = kept
     try:
         with store.open_reader(artifact_id) as reader:
             payload = reader.read()
-    except (ArtifactNotFound, ValueError):
+    except (ArtifactNotFound, ValueError, OSError):
         return None
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise StorageError(f"the weights file {artifact_id!r} is not the one the search kept (its digest differs); "
+                           "refusing to use it.")
     try:
         state = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
     except Exception as e:  # a truncated or foreign file: say which one

@@ -1,61 +1,93 @@
 """Which checkpoint file belongs to a running trial, and when its retry may resume from it.
 
-A trial keeps its checkpoint's path in its user attributes; when a dead or stopped worker's trial
-is retried, Optuna copies those attributes (and the steps already reported) to the new trial,
-which finds the file and trains on from the epoch after the one saved there.
+The path is derived here, never read from the study: the checkpoint folder (``--checkpoint-dir``),
+a folder per study named by the study's name and its identity (a random id given when the study
+was made, so two studies of one name in one folder never share files), and the number of the
+first attempt of the trial (a retry inherits it from Optuna's ``failed_trial``). The file records
+whose it is (study, trial, placement, seed, epochs); a retry uses it only if all of that matches.
+Writing it is best effort: a trial whose checkpoint cannot be written goes on, and a retry would
+start over.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
 
 from autodrop.config import DEFAULT_CHECKPOINT_DIR
+from autodrop.errors import AutodropWarning
 from autodrop.run.records import CHECKPOINT, FAILED_TRIAL, RESUMED_AT
 from autodrop.training.checkpoint import load_checkpoint, save_checkpoint
 from autodrop.training.loop import TrainingState
 
 
-def checkpoint_path(root: str | Path, study_name: str, trial_number: int) -> Path:
-    """Return where trial ``trial_number`` of ``study_name`` keeps its checkpoint under ``root``."""
-    folder = re.sub(r"[^A-Za-z0-9_.-]+", "-", study_name).strip("-.") or "study"
-    return Path(root).absolute() / folder / f"trial-{trial_number}.pt"
+def study_folder(root: str | Path, study_name: str, uuid: str) -> Path:
+    """Return the folder of one study's checkpoints under ``root``."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", study_name).strip("-.")[:60] or "study"
+    return Path(root).absolute() / f"{slug}-{uuid[:12]}"
+
+
+def checkpoint_path(root: str | Path, study_name: str, uuid: str, first_attempt: int) -> Path:
+    """Return where the trial whose first attempt was number ``first_attempt`` keeps its checkpoint."""
+    return study_folder(root, study_name, uuid) / f"trial-{int(first_attempt)}.pt"
 
 
 class TrialCheckpoint:
-    """The checkpoint of one running trial: where it lives, and the state a retry resumes from."""
+    """The checkpoint of one running trial: where it lives, whose it is, and where a retry resumes."""
 
-    def __init__(self, path: Path, resume: TrainingState | None) -> None:
+    def __init__(self, path: Path, owner: dict[str, Any], resume: TrainingState | None) -> None:
         self.path = path
+        self.owner = owner
         self.resume = resume  # None: train from the first epoch
 
     @classmethod
-    def for_trial(cls, trial: optuna.Trial, root: str | Path, device: torch.device) -> "TrialCheckpoint":
-        """Return the checkpoint of ``trial``; a retried trial loads the one its predecessor left."""
-        stored = trial.user_attrs.get(CHECKPOINT)
-        path = Path(stored) if stored else checkpoint_path(root, trial.study.study_name, trial.number)
-        if not stored:
-            trial.set_user_attr(CHECKPOINT, str(path))
+    def for_trial(cls, trial: optuna.Trial, *, root: str | Path, uuid: str, placement_key: str, seed: int,
+                  epochs: int, device: torch.device) -> "TrialCheckpoint":
+        """Return the checkpoint of ``trial``; a retry loads the one its first attempt's line left,
+        if it is theirs."""
         # Optuna's Trial does not show system attributes: read them from storage.
         frozen = trial.storage.get_trial(trial._trial_id)
-        if FAILED_TRIAL not in frozen.system_attrs:
-            return cls(path, None)
-        resume = load_checkpoint(path, device)
+        first = frozen.system_attrs.get(FAILED_TRIAL)
+        retry = isinstance(first, int) and not isinstance(first, bool) and 0 <= first < trial.number
+        number = first if retry else trial.number
+        path = checkpoint_path(root, trial.study.study_name, uuid, number)
+        trial.set_user_attr(CHECKPOINT, str(path))  # for people to read; never followed
+        owner = {"study": uuid, "trial": number, "placement": placement_key, "seed": seed, "epochs": epochs}
+        if not retry:
+            return cls(path, owner, None)
+        resume = load_checkpoint(path, device, owner, epochs)
         trial.set_user_attr(RESUMED_AT, 1 if resume is None else resume.metrics.epoch + 1)
-        return cls(path, resume)
+        return cls(path, owner, resume)
 
     def save(self, state: TrainingState) -> None:
-        """Write ``state`` as this trial's checkpoint, replacing the previous epoch's."""
-        save_checkpoint(self.path, state)
+        """Write ``state`` as this trial's checkpoint, replacing the previous epoch's; a failure
+        (disk full, no permission) is a warning, not the trial's end."""
+        try:
+            save_checkpoint(self.path, state, self.owner)
+        except Exception as e:
+            warnings.warn(
+                f"the checkpoint of trial {self.owner['trial']} could not be written to {str(self.path)!r} "
+                f"({type(e).__name__}: {e}); the trial goes on, but a retry would start over.",
+                AutodropWarning,
+                stacklevel=2,
+            )
+
+    def remove(self) -> None:
+        """Delete the checkpoint (the trial needs it no more), and its study's folder once empty."""
+        remove_checkpoint(self.path)
 
 
-def remove_checkpoint(path: str | Path) -> None:
+def remove_checkpoint(path: Path) -> None:
     """Delete the checkpoint at ``path`` if it is there, and its study's folder once empty."""
-    path = Path(path)
-    path.unlink(missing_ok=True)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # already gone, or not ours to delete: nothing to clean up
+        return
     folders = [path.parent]
     if path.parent.parent.name == DEFAULT_CHECKPOINT_DIR:  # a folder autodrop made; one given stays
         folders.append(path.parent.parent)

@@ -36,6 +36,7 @@ from autodrop.run.records import (
     read_trials,
 )
 from autodrop.run.storage import open_existing_study
+from autodrop.run.trust import check_same_data, data_record, trusted_config
 from autodrop.training.data import ImageData, load_data
 from autodrop.training.device import resolve_device
 from autodrop.training.loop import TrainingDiverged
@@ -118,6 +119,8 @@ def confirm_study(
     max_seeds: int = MAX_SEEDS,
     top: int = 3,
     device: str = "auto",
+    model: str | None = None,
+    data: str | None = None,
     on_run: Callable[[str, int], None] | None = None,
 ) -> Confirmation:
     """Retrain the study's ``top`` placements and its baselines with fresh seeds; store and return the verdict.
@@ -125,6 +128,8 @@ def confirm_study(
     ``n_seeds`` fixes the number of seeds for every candidate; None (the default) adds seeds until
     the lead is decided, settled within ``DECISION_WIDTH``, or ``max_seeds`` is reached. Runs
     already stored with the study are reused. ``study_name`` None picks the storage's only study.
+    ``model`` and ``data`` name the study's own model and image folder, which autodrop never takes
+    from the study itself (run/trust.py); a built-in model and the built-in digits need neither.
     """
     if n_seeds is not None and n_seeds < 2:
         raise ConfigError(f"--seeds must be at least 2 for a paired test, but got {n_seeds}.")
@@ -135,10 +140,10 @@ def confirm_study(
     study = open_existing_study(study_name, storage).study
     record = read_study(study)
     candidates = select_candidates(record, read_trials(study, record), top)
-    data = load_data(record.config.data)
-    _check_same_data(record, data)
-    trainer = CandidateTrainer(record.config, data, device=device, on_run=on_run,
-                               runs=read_confirmation_runs(study))
+    config = trusted_config(record, model=model, data=data)
+    images = load_data(config.data)
+    check_same_data(record, data_record(images))
+    trainer = CandidateTrainer(config, images, device=device, on_run=on_run, runs=read_confirmation_runs(study))
 
     def store_runs() -> None:
         study.set_user_attr(CONFIRMATION_RUNS_KEY, trainer.runs)
@@ -152,16 +157,6 @@ def confirm_study(
         store_runs()  # what was trained is kept, even if a later run fails or is interrupted
     study.set_user_attr(CONFIRMATION_KEY, confirmation.to_dict())
     return confirmation
-
-
-def _check_same_data(record: StudyRecord, data: ImageData) -> None:
-    stored = record.data
-    if (stored.n_train, stored.n_val) != (len(data.train_labels), len(data.val_labels)):
-        raise ConfigError(
-            f"the data of study {record.name!r} has changed since the search "
-            f"(it had {stored.n_train} train / {stored.n_val} val images, now "
-            f"{len(data.train_labels)} / {len(data.val_labels)}); confirm on the data the study searched."
-        )
 
 
 def select_candidates(record: StudyRecord, trials: list[TrialRecord], top: int) -> list[Candidate]:

@@ -6,7 +6,9 @@ PostgreSQL, ``table already exists`` on SQLite). Both need the same thing: a sho
 that only one worker of a study is in at a time. The lock lives where the storage lives:
 
 - PostgreSQL: a transaction-level advisory lock, released by the server if the holder dies.
-- SQLite file: ``flock`` on the database's folder, released by the kernel if the holder dies.
+- SQLite file: ``flock`` on the database's folder, released by the kernel if the holder dies; where
+  the filesystem refuses that (NFS), a POSIX lock on a lock file in that folder; where it refuses
+  both, a one-line error that says to use PostgreSQL.
 - in-memory SQLite: a lock within this process (no other process can open that storage anyway).
 - any other database: no lock; a warning says what that costs.
 """
@@ -25,6 +27,7 @@ from autodrop.config import sqlite_file, storage_dialect
 from autodrop.errors import AutodropWarning, StorageError
 from autodrop.run.storage import safe_url
 
+LOCK_FILE_NAME = ".autodrop-lock"  # only where the folder cannot be flock-ed (NFS)
 # Held by in-memory storages, and by SQLite files where flock is missing, across threads of this process.
 _PROCESS_LOCKS: dict[str, threading.Lock] = {}
 _PROCESS_LOCKS_GUARD = threading.Lock()
@@ -122,14 +125,53 @@ def _folder_lock(folder: Path) -> Iterator[None]:
     # that each open the folder also wait for each other. The sections it guards last milliseconds,
     # so one lock for every database in the folder costs nothing.
     descriptor = os.open(folder, os.O_RDONLY)
+    refused: OSError | None = None
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError as e:  # NFS refuses flock on a folder opened read-only
+            refused = e
+        if refused is None:
+            try:
+                yield
+            finally:
+                fcntl.flock(descriptor, fcntl.LOCK_UN)
+            return
+    finally:
+        os.close(descriptor)
+    with _lock_file(folder, refused):
+        yield
+
+
+@contextmanager
+def _lock_file(folder: Path, refused: OSError) -> Iterator[None]:
+    """Hold a POSIX lock on a lock file in ``folder``: what network filesystems that refuse flock
+    on a folder still honour. The file (``.autodrop-lock``) stays behind."""
+    import fcntl
+
+    path = folder / LOCK_FILE_NAME
+    # POSIX locks belong to the process, not the descriptor: threads of one process queue here.
+    with _process_lock(str(path)):
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.lockf(descriptor, fcntl.LOCK_EX)
+            except OSError:
+                os.close(descriptor)
+                raise
+        except OSError as e:
+            raise StorageError(
+                f"cannot lock the SQLite study in {str(folder)!r}: its filesystem refuses file locks "
+                f"({refused.strerror or refused}; {e.strerror or e}), as NFS often does. Put the study on a local "
+                "disk, or use PostgreSQL (--storage postgresql+psycopg://...) to share it between machines."
+            ) from e
         try:
             yield
         finally:
-            fcntl.flock(descriptor, fcntl.LOCK_UN)
-    finally:
-        os.close(descriptor)
+            try:
+                fcntl.lockf(descriptor, fcntl.LOCK_UN)
+            finally:
+                os.close(descriptor)
 
 
 @contextmanager

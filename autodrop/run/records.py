@@ -2,13 +2,16 @@
 
 A study in shared storage is data anyone with access can edit, so every reader (report, the page,
 export, confirm, a resuming search) goes through :func:`read_study` and :func:`read_trials`, which
-check each value is one autodrop writes and return typed records; nothing read here is executed,
-imported or followed as a path by this module.
+check each value is one autodrop writes and return typed records. Nothing read from a study is
+executed, imported or followed as a path: the model and data are rebuilt only from what the user
+names again (run/trust.py), and checkpoint and artifact paths are derived locally; the paths
+stored here are for people to read, and are refused when they are not of the shape autodrop writes.
 
 Stored names (kept as they are, so studies already written stay readable):
 
 - study user attributes: ``autodrop.config`` (the trial settings), ``autodrop.data``,
-  ``autodrop.sites``, ``autodrop.confirmation``, ``autodrop.artifact_dir``, ``autodrop.normaliser``;
+  ``autodrop.sites``, ``autodrop.uuid``, ``autodrop.confirmation``, ``autodrop.confirmation_runs``,
+  ``autodrop.artifact_dir``, ``autodrop.normaliser``;
 - trial parameters: ``SITE`` (off/on), ``SITE.p`` (rate), ``SITE.kind`` (dropout kind: element or
   channel) and ``SITE.order`` (the slot, written "order" before it was called a slot);
 - trial user attributes: the names below.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any, Iterable, Mapping
 
 from optuna.trial import FrozenTrial, TrialState
@@ -32,7 +36,8 @@ DATA_KEY = "autodrop.data"
 SITES_KEY = "autodrop.sites"
 CONFIRMATION_KEY = "autodrop.confirmation"
 CONFIRMATION_RUNS_KEY = "autodrop.confirmation_runs"  # placement key -> seed -> [val accuracy, gap]
-ARTIFACT_DIR_KEY = "autodrop.artifact_dir"
+UUID_KEY = "autodrop.uuid"  # a random id given at creation: the study's identity for local files
+ARTIFACT_DIR_KEY = "autodrop.artifact_dir"  # where the search kept weights (shown, never followed)
 NORMALISER_KEY = "autodrop.normaliser"  # per channel: x * scale + shift on 0..255 pixels
 
 # --- trial user attributes ----------------------------------------------------------------------
@@ -41,7 +46,8 @@ BASELINE = "baseline"  # the recipe's name, on a baseline trial
 FAIL_REASON = "fail_reason"
 WORKER = "worker"  # host:pid of the worker running the trial
 PACKED = "packed"  # the trial trains as a member of a pack (no checkpoint)
-CHECKPOINT = "checkpoint"  # the checkpoint file's path (checked, never followed: run/checkpoints.py)
+CHECKPOINT = "checkpoint"  # the checkpoint file's path where it ran (shown, never followed: run/checkpoints.py)
+WEIGHTS = "weights"  # the kept weights: {"artifact": id, "sha256": digest of the file}
 RESUMED_AT = "resumed_at_epoch"  # on a retry: the first epoch it trained itself
 TRAIN_ACCURACY, TRAIN_LOSS, VAL_LOSS, GAP = "train_accuracy", "train_loss", "val_loss", "gap"
 EPOCHS_RUN = "epochs_run"
@@ -79,6 +85,10 @@ SITE_KINDS = ("conv", "fc")
 # Built-in site names are identifiers; discovered ones add ":", "#", "@" and "." ("after:conv21#2").
 SITE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:#@]*")
 BASELINE_NAME = re.compile(r"[a-z][a-z0-9-]{0,39}")  # a recipe's name: "none", "everywhere-low"
+UUID = re.compile(r"[0-9a-f]{32}")
+ARTIFACT_ID = re.compile(r"[0-9a-fA-F-]{8,64}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+CHECKPOINT_NAME = re.compile(r"trial-[0-9]{1,12}\.pt")
 STATE_WORDS = {
     TrialState.COMPLETE: "complete",
     TrialState.PRUNED: "pruned",
@@ -102,10 +112,28 @@ class DataRecord:
     n_val: int
     channels: int
     image_size: int
+    fingerprint: str | None = None  # sha256 of the decoded images and labels; None in studies made before it
 
     def to_stored(self) -> dict[str, Any]:
-        return {"name": self.name, "classes": list(self.classes), "n_train": self.n_train, "n_val": self.n_val,
-                "channels": self.channels, "image_size": self.image_size}
+        stored = {"name": self.name, "classes": list(self.classes), "n_train": self.n_train, "n_val": self.n_val,
+                  "channels": self.channels, "image_size": self.image_size}
+        if self.fingerprint is not None:
+            stored["fingerprint"] = self.fingerprint
+        return stored
+
+    def differences(self, other: "DataRecord") -> list[str]:
+        """Return how ``other`` differs from this record, in words (empty when it is the same data)."""
+        found = []
+        if list(self.classes) != list(other.classes):
+            found.append(f"classes {list(self.classes)} (now {list(other.classes)})")
+        if (self.n_train, self.n_val) != (other.n_train, other.n_val):
+            found.append(f"{self.n_train} train / {self.n_val} val images (now {other.n_train} / {other.n_val})")
+        if (self.channels, self.image_size) != (other.channels, other.image_size):
+            found.append(f"{self.channels}x{self.image_size}x{self.image_size} images (now "
+                         f"{other.channels}x{other.image_size}x{other.image_size})")
+        if not found and None not in (self.fingerprint, other.fingerprint) and self.fingerprint != other.fingerprint:
+            found.append("the same counts but other pixels or labels")
+        return found
 
 
 @dataclass(frozen=True)
@@ -117,6 +145,8 @@ class StudyRecord:
     data: DataRecord
     sites: dict[str, str]  # site -> "conv" or "fc", in forward order
     confirmation: dict[str, Any] | None  # as autodrop confirm stored it
+    uuid: str | None = None  # None in studies made before it was given
+    artifact_dir: str | None = None  # where the search said it kept weights (to show, never to follow)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -138,6 +168,7 @@ class TrialRecord:
     baseline: str | None = None  # the recipe's name, for baseline trials
     seed: int | None = None
     curve: dict[int, float] = field(default_factory=dict, repr=False)  # validation accuracy per epoch
+    weights: tuple[str, str] | None = None  # (artifact id, sha256) of the weights kept for it
 
     @property
     def gap(self) -> float | None:
@@ -230,7 +261,23 @@ def read_study(study: Any) -> StudyRecord:
     confirmation = study.user_attrs.get(CONFIRMATION_KEY)
     if confirmation is not None and not isinstance(confirmation, dict):
         raise StorageError(f"study {name!r} holds a confirmation autodrop does not write.")
-    return StudyRecord(name, config, data, dict(sites), confirmation)
+    uuid = study.user_attrs.get(UUID_KEY)
+    if uuid is not None and not (isinstance(uuid, str) and UUID.fullmatch(uuid)):
+        raise StorageError(f"study {name!r} holds an identity autodrop does not write ({UUID_KEY}={uuid!r}).")
+    artifact_dir = study.user_attrs.get(ARTIFACT_DIR_KEY)
+    if artifact_dir is not None and not _is_artifact_dir(artifact_dir):
+        raise StorageError(f"study {name!r} records a weights folder autodrop does not write "
+                           f"({ARTIFACT_DIR_KEY}={artifact_dir!r}).")
+    return StudyRecord(name, config, data, dict(sites), confirmation, uuid, artifact_dir)
+
+
+def _is_artifact_dir(value: Any) -> bool:
+    """Whether ``value`` has the shape of the folder a search records: an absolute path, without
+    ``..`` or control characters. It is never followed; anything else is a sign of an edited study."""
+    if not isinstance(value, str) or not value or any(not c.isprintable() for c in value):
+        return False
+    path = PurePath(value)
+    return path.is_absolute() and ".." not in path.parts
 
 
 def _read_data(study: Any, config: SearchConfig) -> DataRecord:
@@ -240,6 +287,7 @@ def _read_data(study: Any, config: SearchConfig) -> DataRecord:
         raise bad
     classes, channels, image_size = data.get("classes"), data.get("channels"), data.get("image_size")
     n_train, n_val, data_name = data.get("n_train"), data.get("n_val"), data.get("name")
+    fingerprint = data.get("fingerprint")
     if not (
         isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)
         and _is_int(channels) and channels in (1, 3)
@@ -247,9 +295,10 @@ def _read_data(study: Any, config: SearchConfig) -> DataRecord:
         and (config.data.channels is None or channels == config.data.channels)
         and _is_int(n_train) and n_train >= 1 and _is_int(n_val) and n_val >= 1
         and isinstance(data_name, str)
+        and (fingerprint is None or (isinstance(fingerprint, str) and SHA256.fullmatch(fingerprint)))
     ):
         raise bad
-    return DataRecord(data_name, tuple(classes), n_train, n_val, channels, image_size)
+    return DataRecord(data_name, tuple(classes), n_train, n_val, channels, image_size, fingerprint)
 
 
 def read_trials(study: Any, record: StudyRecord, trials: Iterable[FrozenTrial] | None = None) -> list[TrialRecord]:
@@ -289,6 +338,11 @@ def read_trial(record: StudyRecord, trial: FrozenTrial) -> TrialRecord:
     seed = attrs.get(SEED)
     if seed is not None and not (_is_int(seed) and 0 <= seed < 2**63):
         raise StorageError(f"{where} has a seed autodrop does not write: {seed!r}.")
+    checkpoint = attrs.get(CHECKPOINT)
+    if checkpoint is not None and not (isinstance(checkpoint, str) and CHECKPOINT_NAME.fullmatch(PurePath(checkpoint).name)
+                                       and PurePath(checkpoint).is_absolute() and ".." not in PurePath(checkpoint).parts):
+        raise StorageError(f"{where} records a checkpoint autodrop does not write: {checkpoint!r}.")
+    weights = read_weights_record(attrs.get(WEIGHTS), where)
     return TrialRecord(
         number=trial.number,
         state=STATE_WORDS[trial.state],
@@ -299,6 +353,7 @@ def read_trial(record: StudyRecord, trial: FrozenTrial) -> TrialRecord:
         baseline=baseline,
         seed=seed,
         curve=curve,
+        weights=weights,
     )
 
 
@@ -373,3 +428,14 @@ def read_confirmation_runs(study: Any) -> dict[str, dict[str, list[float]]]:
                 raise bad
         runs[key] = {seed: [float(f) for f in figures] for seed, figures in by_seed.items()}
     return runs
+
+
+def read_weights_record(value: Any, where: str) -> tuple[str, str] | None:
+    """Return the (artifact id, sha256) a trial's weights record holds, checked; None if it has none."""
+    if value is None:
+        return None
+    if not (isinstance(value, dict) and set(value) == {"artifact", "sha256"} and isinstance(value["artifact"], str)
+            and ARTIFACT_ID.fullmatch(value["artifact"]) and isinstance(value["sha256"], str)
+            and SHA256.fullmatch(value["sha256"])):
+        raise StorageError(f"{where} records kept weights autodrop does not write: {value!r}.")
+    return value["artifact"], value["sha256"]

@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autodrop.run.locking import StorageLock
 from autodrop.run.records import FAIL_REASON, PACKED, WORKER
 from autodrop.run.signals import Interrupted, StopGuard, critical, handle_stop_signals
+from autodrop.run.storage import RetryStaleTrial, is_transient
 from autodrop.run.study import FINISHED_STATES
 
 _logger = logging.getLogger("autodrop")
@@ -278,6 +279,13 @@ class _Worker:
                     if runner.packed:
                         raise  # the pack's members go back to the queue together, as above
                     runner.forget(trial)
+                    if is_transient(e):
+                        # A locked database or a dropped connection is no fault of the trial: it is
+                        # queued again (its retries are bounded), and this worker goes on.
+                        _logger.warning("trial %d is queued again after a storage error: %s", trial.number, e)
+                        with self.lock.hold():
+                            fail_and_requeue(self.study, self.storage, trial, f"storage error: {type(e).__name__}")
+                        continue
                     outcome = Outcome(TrialState.FAIL, error=e)
                 if outcome is not None:
                     self.end(trial, outcome)
@@ -300,7 +308,7 @@ class _Worker:
         with critical(), self.lock.hold():
             for trial in running:
                 self.runner.forget(trial)
-                fail_and_requeue(self.study, self.storage, trial, reason)
+                fail_and_requeue(self.study, self.storage, trial, reason, counted=stop is None)
         if stop is not None and stop is not error:
             raise stop from error
 
@@ -374,14 +382,18 @@ def admit_trials(
     return started, n_finished, n_running
 
 
-def fail_and_requeue(study: optuna.Study, storage: Any, trial: optuna.Trial, reason: str) -> None:
-    """Fail ``trial`` with ``reason`` and queue a retry with its parameters, as for a dead worker."""
+def fail_and_requeue(study: optuna.Study, storage: Any, trial: optuna.Trial, reason: str, *,
+                     counted: bool = True) -> None:
+    """Fail ``trial`` with ``reason`` and queue a retry with its parameters, as for a dead worker;
+    ``counted=False`` (a clean stop) does not use up the trial's retries."""
     if storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
         return  # another worker took this one for dead already, and queued its retry
     trial.set_user_attr(FAIL_REASON, reason)
     frozen = study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
     retry = storage.get_heartbeat_stale_trial_callback() if hasattr(storage, "get_heartbeat_stale_trial_callback") else None
-    if retry is not None:
+    if isinstance(retry, RetryStaleTrial):
+        retry(study, copy.deepcopy(frozen), counted=counted)
+    elif retry is not None:
         retry(study, copy.deepcopy(frozen))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import secrets
 import sys
 import warnings
 from typing import Any
@@ -24,12 +25,13 @@ from autodrop.run import records
 from autodrop.run.locking import StorageLock
 from autodrop.run.processes import run_processes
 from autodrop.run.progress import Progress
-from autodrop.run.records import BASELINE, DataRecord
+from autodrop.run.records import BASELINE, read_study, read_trials
 from autodrop.run.scheduler import run_trials
 from autodrop.run.signals import Interrupted
 from autodrop.run.space import baseline_placements, default_variants, placement_to_params, variant_choices
 from autodrop.run.storage import open_storage
 from autodrop.run.pruning import make_pruner
+from autodrop.run.trust import data_record
 from autodrop.run.study import best_value, count_finished, create_or_load_study, make_sampler
 from autodrop.run.trials import StudyTrials
 from autodrop.training.data import ImageData, load_data
@@ -67,6 +69,7 @@ class PreparedStudy:
     sites: dict[str, str]  # site -> kind, in forward order
     choices: dict[str, Any]  # the dropout variants each site may take
     packing_problem: str | None  # why the model's trials cannot be packed, or None if they can
+    uuid: str  # the study's identity, for the files kept beside it (checkpoints)
 
 
 def prepare_study(config: SearchConfig) -> PreparedStudy:
@@ -100,8 +103,12 @@ def prepare_study(config: SearchConfig) -> PreparedStudy:
             pruner=make_pruner(config.pruner, config.train.epochs, n_val=len(data.val_labels)),
         )
         _record_data_and_sites(study, data, model.kinds)
+        # A study anyone can edit is read back whole before any trial trains: a value autodrop would
+        # not write (a foreign checkpoint path, a rate out of range) stops the run here.
+        read_trials(study, read_study(study))
         _enqueue_baselines(study, model.kinds, choices, config)
-    return PreparedStudy(study, storage, data, model.kinds, choices, model.packing_problem)
+        uuid = _study_uuid(study)
+    return PreparedStudy(study, storage, data, model.kinds, choices, model.packing_problem, uuid)
 
 
 def _check_device(device: torch.device) -> None:
@@ -123,24 +130,46 @@ def _record_data_and_sites(study: optuna.Study, data: ImageData, sites: dict[str
             f"study {study.study_name!r} was searched over sites {list(stored_sites)}, but the model now has "
             f"{list(sites)}; use --study NEW_NAME for the changed model."
         )
+    record = data_record(data)
     if stored_sites is None:
         study.set_user_attr(records.SITES_KEY, sites)
-        record = DataRecord(data.name, data.classes, len(data.train_labels), len(data.val_labels), data.channels,
-                            data.image_size)
         study.set_user_attr(records.DATA_KEY, record.to_stored())
+        return
+    stored = read_study(study).data
+    changed = stored.differences(record)
+    if changed:
+        raise ConfigError(
+            f"the data of study {study.study_name!r} is not the data it was searched on: it had {'; '.join(changed)}. "
+            "Search the same images again, or use --study NEW_NAME for these."
+        )
+    if stored.fingerprint is None:  # a study made before fingerprints: the counts match, keep this one
+        study.set_user_attr(records.DATA_KEY, record.to_stored())
+
+
+def _study_uuid(study: optuna.Study) -> str:
+    """Return the study's identity, giving it one if it was made before identities were (call it
+    under the set-up lock)."""
+    uuid = read_study(study).uuid
+    if uuid is None:
+        uuid = secrets.token_hex(16)
+        study.set_user_attr(records.UUID_KEY, uuid)
+    return uuid
 
 
 def _enqueue_baselines(
     study: optuna.Study, sites: dict[str, str], choices: dict[str, Any], config: SearchConfig
 ) -> None:
-    """Queue each baseline recipe once; a rerun finds them already present and adds nothing."""
-    present = {t.user_attrs.get(BASELINE) for t in study.get_trials(deepcopy=False)}
+    """Queue each baseline recipe once; a rerun finds them already present and adds nothing, except
+    for a recipe whose trials all failed (a crash, a full disk): it is queued again, since every
+    answer is measured against the recipes."""
+    present = {t.user_attrs.get(BASELINE) for t in study.get_trials(deepcopy=False)
+               if t.state != optuna.trial.TrialState.FAIL}
     for name, placement in baseline_placements(sites, config.rate_range)[: config.trials]:
         if name in present:
             continue
         # The recipes are plain dropout: element-wise, after the activation.
         params = placement_to_params(placement, default_variants(placement, choices))
-        study.enqueue_trial(params, user_attrs={BASELINE: name}, skip_if_exists=True)
+        study.enqueue_trial(params, user_attrs={BASELINE: name})
 
 
 def run_here(

@@ -19,8 +19,10 @@ HEARTBEAT_INTERVAL_S = 15
 GRACE_PERIOD_S = 60
 HEARTBEAT_ENV = "AUTODROP_HEARTBEAT_INTERVAL"
 GRACE_ENV = "AUTODROP_GRACE_PERIOD"
-# How often a trial whose worker died may be re-run with the same parameters before it is given up.
+# How often a trial whose worker died may be re-run with the same parameters before it is given up
+# (stops on a signal do not count).
 MAX_RETRY = 2
+STOPS_ATTR = "autodrop:stopped"  # system attribute: the attempts of a trial that a signal stopped
 
 
 def heartbeat_settings() -> tuple[int, int]:
@@ -49,22 +51,34 @@ def _seconds_from_env(name: str, default: int) -> int:
 
 
 class RetryStaleTrial:
-    """Queues a stale (or stopped) trial again with its parameters and user attributes, as
-    Optuna's RetryHeartbeatStaleTrialCallback does, at most ``max_retry`` times.
+    """Queues a failed trial again with its parameters and user attributes, as Optuna's
+    RetryHeartbeatStaleTrialCallback does (the same ``failed_trial`` and ``retry_history`` system
+    attributes), at most ``max_retry`` times.
 
-    A lone trial's retry also inherits the steps already reported: it resumes after them from the
-    checkpoint named in its user attributes. A packed member (user attribute ``packed``) keeps no
-    checkpoint and starts over, so its retry inherits no steps and reports each one afresh.
+    Only failures count against that budget: a clean stop on a signal (a preempted worker, Ctrl-C)
+    queues the trial again whatever the count (``counted=False``), so a long trial stopped many
+    times still finishes. A lone trial's retry inherits the steps already reported and resumes
+    after them from its checkpoint; a packed member (user attribute ``packed``) keeps no checkpoint
+    and starts over, so its retry inherits no steps.
     """
 
     def __init__(self, max_retry: int) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self._resume = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)
-            self._restart = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry)
+        self.max_retry = max_retry
 
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        (self._restart if trial.user_attrs.get(PACKED) else self._resume)(study, trial)
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, *, counted: bool = True) -> bool:
+        """Queue ``trial`` again; return whether it was (False: its failures used up the budget)."""
+        history = [*trial.system_attrs.get("retry_history", []), trial.number]
+        stops = [*trial.system_attrs.get(STOPS_ATTR, [])] + ([] if counted else [trial.number])
+        if len(history) - len(stops) > self.max_retry:
+            return False
+        system_attrs = {**trial.system_attrs, "failed_trial": trial.system_attrs.get("failed_trial", trial.number),
+                        "retry_history": history, STOPS_ATTR: stops}
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+            user_attrs=trial.user_attrs, system_attrs=system_attrs,
+            intermediate_values=None if trial.user_attrs.get(PACKED) else trial.intermediate_values,
+        ))
+        return True
 
 
 def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseStorage:
@@ -163,3 +177,13 @@ def open_existing_study(study: str | None, storage: str | None) -> OpenedStudy:
     url = SearchConfig(storage=storage).storage_url
     storage_obj = open_storage(url, must_exist=True)
     return OpenedStudy(find_study(storage_obj, study), storage_obj, url)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` is a storage hiccup worth retrying (a locked SQLite file, a dropped
+    database connection) rather than a fault of the trial."""
+    import sqlalchemy.exc
+
+    if isinstance(error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+        return True
+    return isinstance(error, sqlalchemy.exc.DBAPIError) and bool(error.connection_invalidated)

@@ -21,7 +21,7 @@ from autodrop.errors import ConfigError
 from autodrop.nets.build import build_model
 from autodrop.run import records
 from autodrop.run.artifacts import keep_weights_if_top, prepare_records, save_trial_note
-from autodrop.run.checkpoints import TrialCheckpoint, remove_checkpoint
+from autodrop.run.checkpoints import TrialCheckpoint
 from autodrop.run.locking import StorageLock
 from autodrop.run.progress import Progress
 from autodrop.run.records import Placement, Variants
@@ -69,7 +69,7 @@ class StudyTrials(TrialRunner):
         self.data = prepared.data.to(device)
         self.normaliser = Normaliser(prepared.data.train_images).to(device)
         self.weights_store = prepare_records(
-            self.study, storage_url=config.storage_url, artifact_dir=config.artifact_dir, normaliser=self.normaliser
+            self.study, storage_url=config.storage_url, override=config.artifact_dir, normaliser=self.normaliser
         )
         self.epochs = config.train.epochs
         self.lock = StorageLock(config.storage_url, f"admit:{config.study_name}")
@@ -81,6 +81,7 @@ class StudyTrials(TrialRunner):
             self.trainer = SoloTrainer(self.data, self.normaliser, config.train, device=device)
         self.capacity, self.packed = self.trainer.capacity, self.trainer.packed
         self.members: dict[int, TrialSetup] = {}  # by trial number, which is each member's tag
+        self.ended_checkpoints: dict[int, TrialCheckpoint] = {}  # of trials about to be told how they ended
         self.joining: list[Member] = []
         self.leaving: list[int] = []
         self.consecutive_failures = 0
@@ -104,7 +105,11 @@ class StudyTrials(TrialRunner):
             self.joining.append(Member(trial.number, setup.model, setup.seed))
             return None
         # A retry of a trial whose worker died or stopped resumes after the last epoch it saved.
-        setup.checkpoint = TrialCheckpoint.for_trial(trial, self.config.checkpoint_root, self.device)
+        setup.checkpoint = TrialCheckpoint.for_trial(
+            trial, root=self.config.checkpoint_root, uuid=self.prepared.uuid,
+            placement_key=records.placement_key(setup.placement, setup.variants), seed=setup.seed,
+            epochs=self.epochs, device=self.device,
+        )
         resume = setup.checkpoint.resume
         self.trainer.update(self.leaving, [Member(trial.number, setup.model, setup.seed, resume)])
         self.leaving = []
@@ -141,8 +146,9 @@ class StudyTrials(TrialRunner):
 
     def after(self, trial: optuna.trial.FrozenTrial) -> None:
         # Only an interrupted or dead worker's trial is retried; every other outcome is final.
-        if trial.user_attrs.get(records.CHECKPOINT):
-            remove_checkpoint(trial.user_attrs[records.CHECKPOINT])
+        checkpoint = self.ended_checkpoints.pop(trial.number, None)
+        if checkpoint is not None:
+            checkpoint.remove()
         if trial.state in FINISHED_STATES:
             self.consecutive_failures = 0
             best = best_value(self.study)
@@ -197,8 +203,12 @@ class StudyTrials(TrialRunner):
                     self.record_finish(setup, metrics, model)
                     outcome = Outcome(optuna.trial.TrialState.COMPLETE, metrics.val_accuracy)
         except optuna.exceptions.UpdateFinishedTrialError as e:
-            # Another worker took this trial for dead and queued its retry: leave the trial to it.
-            outcome = Outcome(optuna.trial.TrialState.FAIL, error=e)
+            # Another worker took this trial for dead and queued its retry: leave the trial to it
+            # (and its checkpoint, which the retry resumes from).
+            self.forget(setup.trial)
+            return Outcome(optuna.trial.TrialState.FAIL, error=e)
+        if setup.checkpoint is not None:
+            self.ended_checkpoints[number] = setup.checkpoint
         self.forget(setup.trial)
         return outcome
 

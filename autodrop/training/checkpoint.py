@@ -7,23 +7,31 @@ a retry may use it, is the search's business (autodrop/run/checkpoints.py).
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
 from autodrop.errors import AutodropWarning
 from autodrop.training.loop import EpochMetrics, TrainingState
 
-FORMAT_VERSION = 1
+# 2: records its owner (study, trial, placement, seed, epochs), which a resume must match.
+FORMAT_VERSION = 2
 
 
-def save_checkpoint(path: Path, state: TrainingState) -> None:
-    """Write ``state`` to ``path`` atomically (a reader sees the old file or the new one)."""
+def save_checkpoint(path: Path, state: TrainingState, owner: Mapping[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (a reader sees the old file or the new one).
+
+    ``owner`` (plain JSON-like values) says whose state it is: :func:`load_checkpoint` gives it back
+    only to a caller with the same owner.
+    """
     payload = {
         "format": FORMAT_VERSION,
+        "owner": json.dumps(dict(owner), sort_keys=True),
         "metrics": asdict(state.metrics),
         "model": state.model,
         "optimizer": state.optimizer,
@@ -38,8 +46,9 @@ def save_checkpoint(path: Path, state: TrainingState) -> None:
             torch.save(payload, partial)
             os.replace(partial, path)
             return
-        except FileNotFoundError:
-            # Another worker removed the emptied folder between mkdir and save: make it again.
+        except (FileNotFoundError, RuntimeError):
+            # Another worker removed the emptied folder between mkdir and save (torch.save reports
+            # that as a RuntimeError from its file writer): make it again, once.
             partial.unlink(missing_ok=True)
             if attempt == 2:
                 raise
@@ -48,8 +57,9 @@ def save_checkpoint(path: Path, state: TrainingState) -> None:
             raise
 
 
-def load_checkpoint(path: Path, device: torch.device) -> TrainingState | None:
-    """Return the state saved at ``path``, or None (with a warning) if it is missing or unreadable."""
+def load_checkpoint(path: Path, device: torch.device, owner: Mapping[str, Any], epochs: int) -> TrainingState | None:
+    """Return the state saved at ``path`` if it belongs to ``owner`` and stops before epoch
+    ``epochs``; None (with a warning that says why) if it is missing, unreadable or another's."""
     if not path.exists():
         warnings.warn(
             f"checkpoint {str(path)!r} of a retried trial is not on this machine; the trial starts over from "
@@ -62,8 +72,13 @@ def load_checkpoint(path: Path, device: torch.device) -> TrainingState | None:
         payload = torch.load(path, map_location=device, weights_only=True)
         if payload.get("format") != FORMAT_VERSION:
             raise ValueError(f"format {payload.get('format')!r}, expected {FORMAT_VERSION}")
+        if payload.get("owner") != json.dumps(dict(owner), sort_keys=True):
+            raise ValueError("it belongs to another study, trial or setting")
+        metrics = EpochMetrics(**payload["metrics"])
+        if not 1 <= metrics.epoch < epochs:
+            raise ValueError(f"it was saved after epoch {metrics.epoch}, not before the last of {epochs}")
         return TrainingState(
-            metrics=EpochMetrics(**payload["metrics"]),
+            metrics=metrics,
             model=payload["model"],
             optimizer=payload["optimizer"],
             # Generator states are CPU byte tensors whatever the device.
@@ -71,9 +86,9 @@ def load_checkpoint(path: Path, device: torch.device) -> TrainingState | None:
             dropout_rng=payload["dropout_rng"].cpu(),
             cuda_rng=None if payload["cuda_rng"] is None else payload["cuda_rng"].cpu(),
         )
-    except Exception as e:  # a truncated or foreign file: starting over is always safe
+    except Exception as e:  # a truncated, foreign or stale file: starting over is always safe
         warnings.warn(
-            f"checkpoint {str(path)!r} cannot be read ({e}); the retried trial starts over from epoch 1.",
+            f"checkpoint {str(path)!r} is not used ({e}); the retried trial starts over from epoch 1.",
             AutodropWarning,
             stacklevel=2,
         )

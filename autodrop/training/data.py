@@ -5,6 +5,7 @@ Every trial of a search reuses the same :class:`ImageData`; nothing here runs pe
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections import Counter
@@ -15,12 +16,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from autodrop.config import DataConfig
+from autodrop.config import BUILTIN_DATASETS, DataConfig
 from autodrop.errors import AutodropWarning, DataError
 from autodrop.nets.shape import ModelShape
 from autodrop.training import cache
 
-BUILTIN_DATASETS = ("digits",)
 # Splits and subsets use this seed whatever the search's seed, so that every search (and every
 # confirmation run) of one dataset is judged on the same validation images.
 SPLIT_SEED = 0
@@ -63,6 +63,18 @@ class ImageData:
             val_images=self.val_images.to(device),
             val_labels=self.val_labels.to(device),
         )
+
+
+def fingerprint(data: ImageData) -> str:
+    """Return a sha256 digest of the decoded images and labels of both splits: equal for equal data."""
+    digest = hashlib.sha256()
+    for tensor in (data.train_images, data.train_labels, data.val_images, data.val_labels):
+        digest.update(repr((tuple(tensor.shape), str(tensor.dtype))).encode())
+        flat = tensor.detach().to("cpu").contiguous().view(-1)
+        step = 1 << 24  # hash in chunks: never a second full copy of a large set
+        for start in range(0, flat.numel(), step):
+            digest.update(flat[start : start + step].numpy())
+    return digest.hexdigest()
 
 
 def load_data(config: DataConfig) -> ImageData:

@@ -8,14 +8,7 @@ from optuna.artifacts import FileSystemArtifactStore
 
 from autodrop.errors import StorageError
 from autodrop.run import records
-from autodrop.run.artifacts import (
-    default_artifact_dir,
-    find_weights,
-    keep_weights_if_top,
-    load_weights,
-    resolve_artifact_dir,
-    trial_note,
-)
+from autodrop.run.artifacts import artifact_dir, default_artifact_dir, keep_weights_if_top, load_weights, trial_note
 from autodrop.run.storage import find_study, open_storage
 
 
@@ -54,11 +47,38 @@ def test_weights_are_kept_only_for_the_best_few(tmp_path):
         kept[trial.number] = keep_weights_if_top(study, trial, model, value, store=store, keep=3) is not None
         study.tell(trial, value)
     assert kept == {0: True, 1: True, 2: True, 3: True, 4: False, 5: True}
-    frozen = study.trials[5]
-    artifact = find_weights(frozen, study._storage)
-    state = load_weights(store, artifact)
+    kept_record = study.trials[5].user_attrs[records.WEIGHTS]
+    state = load_weights(store, (kept_record["artifact"], kept_record["sha256"]))
     assert set(state) == {"weight", "bias"}
-    assert find_weights(study.trials[4], study._storage) is None
+    assert records.WEIGHTS not in study.trials[4].user_attrs
+
+
+def test_weights_whose_file_was_swapped_are_refused(tmp_path):
+    import torch
+
+    study = optuna.create_study(direction="maximize")
+    store = FileSystemArtifactStore(tmp_path)
+    trial = study.ask()
+    artifact = keep_weights_if_top(study, trial, torch.nn.Linear(2, 2), 0.9, store=store)
+    digest = trial.user_attrs[records.WEIGHTS]["sha256"]
+    torch.save({"weight": torch.zeros(2, 2)}, tmp_path / artifact)  # someone else's file under its name
+    with pytest.raises(StorageError, match="not the one the search kept"):
+        load_weights(store, (artifact, digest))
+
+
+def test_a_failure_to_keep_weights_is_a_warning_not_the_trials_end(tmp_path):
+    import torch
+
+    from autodrop.errors import AutodropWarning
+
+    study = optuna.create_study(direction="maximize")
+    gone = FileSystemArtifactStore(tmp_path / "store")
+    (tmp_path / "store").rmdir() if (tmp_path / "store").exists() else None
+    (tmp_path / "store").write_text("a file where the folder should be")
+    trial = study.ask()
+    with pytest.warns(AutodropWarning, match="could not be kept"):
+        assert keep_weights_if_top(study, trial, torch.nn.Linear(2, 2), 0.9, store=gone) is None
+    assert records.WEIGHTS not in trial.user_attrs
 
 
 def test_search_records_artifact_dir_scaling_notes_and_weights(tiny_study):
@@ -72,15 +92,18 @@ def test_search_records_artifact_dir_scaling_notes_and_weights(tiny_study):
         assert "**Dropout:**" in get_note_from_system_attrs(system_attrs, trial._trial_id)["body"]
     store = FileSystemArtifactStore(tiny_study.artifact_dir)
     best = study.best_trial
-    assert load_weights(store, find_weights(best, study._storage)) is not None
-    kept = [t.number for t in study.trials if find_weights(t, study._storage)]
+    kept_record = best.user_attrs[records.WEIGHTS]
+    assert load_weights(store, (kept_record["artifact"], kept_record["sha256"])) is not None
+    kept = [t.number for t in study.trials if records.WEIGHTS in t.user_attrs]
     assert kept[:3] == [0, 1, 2] and best.number in kept  # the first three always rank in the top three
 
 
-def test_artifact_dir_option_overrides_the_recorded_one(tiny_study, tmp_path):
-    study = tiny_study.load()
-    assert resolve_artifact_dir(study, tiny_study.url, None) == tiny_study.artifact_dir
-    assert resolve_artifact_dir(study, tiny_study.url, tmp_path) == tmp_path
+def test_the_artifact_folder_is_derived_never_taken_from_the_study(tiny_study, tmp_path):
+    study = tiny_study.copy_to(tmp_path / "copy").load()
+    study.set_user_attr(records.ARTIFACT_DIR_KEY, str(tmp_path / "elsewhere"))
+    url = f"sqlite:///{tmp_path / 'copy' / 'study.db'}"
+    assert artifact_dir(url, None) == tmp_path / "copy" / "study-artifacts"
+    assert artifact_dir(url, tmp_path / "chosen") == tmp_path / "chosen"
 
 
 def test_read_only_open_does_not_create_a_missing_sqlite_file(tmp_path):

@@ -1,0 +1,151 @@
+"""A study is data, never code: each stored field given a hostile value, against every command that
+reads a study. Nothing is executed (a marker file a payload would create never appears), nothing is
+written outside the command's own folders, and a command that would use the value refuses it with
+one line and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from autodrop.cli import main
+from autodrop.run import records
+
+COMMANDS = ("report", "report-html", "export", "confirm", "search")
+
+
+def _evil_module(folder: Path, marker: Path) -> Path:
+    """A .py file whose import, or whose model's construction, creates ``marker``."""
+    path = folder / "evil.py"
+    path.write_text(
+        "import pathlib\n"
+        f"pathlib.Path({str(marker)!r}).write_text('imported')\n"
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self, **kwargs):\n"
+        "        super().__init__()\n"
+        f"        pathlib.Path({str(marker)!r}).write_text('built')\n"
+        "        self.fc = torch.nn.Linear(256, 10)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x.flatten(1))\n"
+    )
+    return path
+
+
+def _set_setting(study, key, value):
+    settings = dict(study.user_attrs[records.SETTINGS_KEY])
+    settings[key] = value
+    study.set_user_attr(records.SETTINGS_KEY, settings)
+
+
+def _tamper(field: str, study, db: Path, tmp: Path, marker: Path) -> None:
+    if field == "module-spec":  # a module and arguments that would run a shell command
+        _set_setting(study, "model", "os:system")
+        _set_setting(study, "model-args", {"command": f"touch {marker}"})
+    elif field == "py-path":  # a .py file elsewhere whose import does something
+        _set_setting(study, "model", f"{_evil_module(tmp, marker)}:Net")
+    elif field == "checkpoint":  # a trial's checkpoint naming a file outside any checkpoint folder
+        with sqlite3.connect(db) as connection:
+            connection.execute(
+                "INSERT OR REPLACE INTO trial_user_attributes (trial_id, key, value_json) "
+                "SELECT trial_id, 'checkpoint', ? FROM trials WHERE number = 0",
+                (f'"{tmp / "victim" / "authorized_keys"}"',))
+    elif field == "artifact-dir":  # a weights folder that climbs out of anything autodrop made
+        study.set_user_attr(records.ARTIFACT_DIR_KEY, "../../victim")
+    elif field == "site-name":
+        sites = dict(study.user_attrs[records.SITES_KEY])
+        sites["x); import os; ("] = sites.pop("fc2")
+        study.set_user_attr(records.SITES_KEY, sites)
+    elif field == "rate":
+        with sqlite3.connect(db) as connection:
+            connection.execute(
+                "UPDATE trial_params SET param_value = 5 WHERE param_name = 'fc1.p' AND trial_id = "
+                "(SELECT trial_id FROM trials WHERE number = 1)")
+    elif field == "data-path":  # a folder the user never named
+        _set_setting(study, "data", str(tmp / "victim"))
+    else:  # pragma: no cover
+        raise AssertionError(field)
+
+
+def _args(command: str, url: str, tmp: Path) -> list[str]:
+    if command == "report":
+        return ["report", "--storage", url]
+    if command == "report-html":
+        return ["report", "--storage", url, "--html", str(tmp / "out" / "r.html")]
+    if command == "export":
+        return ["export", "--storage", url, "--out", str(tmp / "out" / "w.py"), "--weights", str(tmp / "out" / "w.pt"),
+                "--artifact-dir", str(tmp / "out" / "none-kept")]
+    if command == "confirm":
+        return ["confirm", "--storage", url, "--seeds", "2", "--top", "1", "--quiet"]
+    # A colleague resuming the shared study with the settings they meant to use.
+    return ["search", "--storage", url, "--study", "tiny", "--data", "digits", "--image-size", "16",
+            "--train-per-class", "30", "--epochs", "2", "--batch-size", "64", "--trials", "7", "--pruner", "none",
+            "--quiet"]
+
+
+# Commands that never use the field may answer (exit 0): the text report shows the stored model's
+# name but never imports it, the page draws only the sites of a model it is not told to trust, and
+# a study's stored data path is shown, never read.
+HARMLESS = {("module-spec", "report"), ("module-spec", "report-html"), ("py-path", "report"),
+            ("py-path", "report-html"), ("data-path", "report"), ("data-path", "report-html")}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("field", ["module-spec", "py-path", "checkpoint", "artifact-dir", "site-name", "rate",
+                                   "data-path"])
+def test_a_tampered_study_runs_nothing_writes_nothing_and_is_refused_where_used(tiny_study, tmp_path, monkeypatch,
+                                                                                field, command):
+    copy = tiny_study.copy_to(tmp_path / "study")
+    (tmp_path / "out").mkdir()
+    marker = tmp_path / "marker"
+    _tamper(field, copy.load(), copy.db, tmp_path, marker)
+    monkeypatch.chdir(tmp_path / "out")  # the command's own folder
+    before = {p for p in tmp_path.rglob("*") if "out" not in p.relative_to(tmp_path).parts[:1]}
+    result = CliRunner().invoke(main, _args(command, copy.url, tmp_path))
+    assert not marker.exists(), f"{field} made {command} run its payload"
+    assert not (tmp_path / "victim").exists()
+    after = {p for p in tmp_path.rglob("*") if "out" not in p.relative_to(tmp_path).parts[:1]}
+    assert after - before <= {copy.db.with_name("study.db-journal")}, sorted(map(str, after - before))
+    if (field, command) in HARMLESS:
+        assert result.exit_code in (0, 2), result.output
+    else:
+        lines = [line for line in result.output.strip().splitlines() if line.startswith("Error:")]
+        assert result.exit_code == 2, (field, command, result.output[-2000:])
+        assert len(lines) == 1, result.output
+
+
+def test_naming_the_users_model_again_is_what_lets_export_import_it(tmp_path, monkeypatch):
+    import autodrop
+
+    marker = tmp_path / "marker"
+    model = _evil_module(tmp_path, marker)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    autodrop.search(data="digits", image_size=16, train_per_class=10, epochs=1, batch_size=64, trials=1,
+                    pruner="none", model=f"{model}:Net", storage=storage, study="mine")
+    marker.unlink()
+    refused = CliRunner().invoke(main, ["export", "--storage", storage, "--out", str(tmp_path / "w.py")])
+    assert refused.exit_code == 2 and f"pass --model {model}:Net" in refused.output and not marker.exists()
+    other = CliRunner().invoke(main, ["export", "--storage", storage, "--out", str(tmp_path / "w.py"),
+                                      "--model", str(tmp_path / "other.py") + ":Net"])
+    assert other.exit_code == 2 and "records the model" in other.output and not marker.exists()
+    named = CliRunner().invoke(main, ["export", "--storage", storage, "--out", str(tmp_path / "w.py"),
+                                      "--model", f"{model}:Net"])
+    assert named.exit_code == 0, named.output
+    assert marker.exists()  # the user named it: autodrop imported it, as the user asked
+
+
+def test_an_absolute_recorded_weights_folder_is_never_written_or_read(tiny_study, tmp_path, monkeypatch):
+    copy = tiny_study.copy_to(tmp_path / "study")
+    elsewhere = tmp_path / "elsewhere"
+    copy.load().set_user_attr(records.ARTIFACT_DIR_KEY, str(elsewhere))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["export", "--storage", copy.url, "--out", str(tmp_path / "w.py"),
+                                       "--weights", str(tmp_path / "w.pt")])
+    assert result.exit_code == 0, result.output
+    assert "retrained" in result.output  # no weights beside the copied database: never looked for elsewhere
+    assert not elsewhere.exists()
+    assert os.path.getsize(tmp_path / "w.pt") > 0
