@@ -202,7 +202,15 @@ def report(study: str | None, storage: str | None, html_path: str | None, model:
 @click.option("--artifact-dir", default=None, help=_ARTIFACT_HELP)
 def dashboard(study: str | None, storage: str | None, host: str, port: int, artifact_dir: str | None) -> None:
     """Serve optuna-dashboard on a study; Ctrl-C stops it."""
-    from autodrop.outputs.dashboard import run_dashboard
+    from autodrop.outputs.dashboard import is_loopback, run_dashboard
+
+    if not is_loopback(host):
+        # optuna-dashboard has no login: its upload, delete and note endpoints are open to every caller.
+        click.echo(
+            f"Warning: --host {host} serves the dashboard beyond this machine: anyone who can reach "
+            f"{f'port {port}' if port else 'its port'} can upload and delete artifacts and edit notes.",
+            err=True,
+        )
 
     def ready(running: Any) -> None:
         click.echo(f"Dashboard for study {running.dashboard.study_name!r}: {running.url}")

@@ -7,6 +7,7 @@ Python API all build a :class:`SearchConfig` and so share the same errors.
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import math
 import re
 import sys
@@ -168,6 +169,8 @@ def validate(config: SearchConfig) -> SearchConfig:
             f"{option} must be a comma-separated list of {', '.join(allowed)}, but got {','.join(values)!r}.",
         )
     _check(config.trials >= 1, f"--trials must be at least 1, but got {config.trials}.")
+    # Optuna's samplers take the seed as numpy's, an unsigned 32-bit number.
+    _check(0 <= config.seed < 2**32, f"--seed must be between 0 and {2**32 - 1}, but got {config.seed}.")
     low, high = config.rate_range
     _check(
         0.0 <= low < high < 1.0,
@@ -182,8 +185,8 @@ def validate(config: SearchConfig) -> SearchConfig:
     _check(bool(config.model), "--model must name a model, but got an empty string.")
     for key in config.model_args:
         _check(
-            isinstance(key, str) and key.isidentifier(),
-            f"--model-arg names must be Python identifiers, but got {key!r}.",
+            _argument_name(key),
+            f"--model-arg names must be Python identifiers other than keywords, but got {key!r}.",
         )
     return config
 
@@ -247,9 +250,9 @@ def config_from_options(options: Mapping[str, Any]) -> SearchConfig:
             given[name] = value
     if "rate-range" in given:
         given["rate-range"] = _rate_range(given["rate-range"])
-    for key in ("kinds", "slots"):
+    for key, allowed in (("kinds", DROPOUT_KINDS), ("slots", SLOTS)):
         if key in given:
-            given[key] = _choice_list(given[key])
+            given[key] = _choice_list(key, given[key], allowed)
     if "model-args" in given:
         given["model-args"] = parse_model_args(given["model-args"])
     if isinstance(given.get("model"), str):
@@ -279,10 +282,12 @@ def _rate_range(value: Any) -> tuple[float, float]:
     return (low, high)
 
 
-def _choice_list(value: Any) -> tuple[str, ...]:
+def _choice_list(key: str, value: Any, allowed: Sequence[str]) -> tuple[str, ...]:
     """Accept ``"element,channel"`` or ``["element", "channel"]``."""
     if isinstance(value, str):
         value = value.split(",")
+    if not isinstance(value, (list, tuple)):  # a TOML number or boolean would fail below as a TypeError
+        raise ConfigError(f"--{key} must be a comma-separated list of {', '.join(allowed)}, but got {value!r}.")
     return tuple(str(v).strip() for v in value if str(v).strip())
 
 
@@ -305,12 +310,17 @@ def parse_model_args(value: Any) -> dict[str, Any]:
             pairs.append((key.strip(), parse_value(text.strip())))
     args: dict[str, Any] = {}
     for key, item in pairs:
-        if not isinstance(key, str) or not key.isidentifier():
-            raise ConfigError(f"--model-arg names must be Python identifiers, but got {key!r}.")
+        if not _argument_name(key):
+            raise ConfigError(f"--model-arg names must be Python identifiers other than keywords, but got {key!r}.")
         if not (item is None or isinstance(item, (bool, int, float, str))):
             raise ConfigError(f"--model-arg {key} must be a number, true/false or text, but got {item!r}.")
         args[key] = item
     return args
+
+
+def _argument_name(key: Any) -> bool:
+    # The exported source passes model arguments as keywords, and `class=3` would not compile there.
+    return isinstance(key, str) and key.isidentifier() and not keyword.iskeyword(key)
 
 
 def parse_value(text: str) -> Any:

@@ -79,6 +79,29 @@ def test_bad_input_is_one_line_with_exit_code_2_and_writes_nothing(tmp_path, arg
 
 
 @pytest.mark.parametrize(
+    "line,message",
+    [("kinds = 5", "--kinds must be a comma-separated list of element, channel, but got 5."),
+     ("orders = true", "--slots must be a comma-separated list of after-act, before-bn, but got True."),
+     ("slots = true", "--slots must be a comma-separated list of after-act, before-bn, but got True."),
+     ("seed = -3", "--seed must be between 0 and 4294967295, but got -3.")],
+    ids=["kinds-number", "orders-boolean", "slots-boolean", "negative-seed"],
+)
+def test_spec_values_of_the_wrong_kind_are_one_line_errors(tmp_path, line, message):
+    spec = tmp_path / "bad.toml"
+    spec.write_text(f'data = "digits"\n{line}\n')
+    result, written = run(["search", "--config", str(spec), "--quiet"], tmp_path)
+    assert result.exit_code == 2 and result.output == f"Error: {message}\n" and written == []
+
+
+def test_model_arg_named_by_a_python_keyword_is_a_one_line_error(tmp_path):
+    result, written = run(["search", "--model", f"{Path(__file__).parent / 'user_models.py'}:ResidualNet",
+                           "--model-arg", "class=3", "--quiet"], tmp_path)
+    assert result.exit_code == 2 and written == []
+    assert result.output == ("Error: --model-arg names must be Python identifiers other than keywords, "
+                             "but got 'class'.\n")
+
+
+@pytest.mark.parametrize(
     "classes,message",
     [({}, "no class subfolders"), ({"only": 4}, "only one class"), ({"a": 4, "b": 1}, "class 'b' has 1")],
     ids=["empty-folder", "one-class", "class-too-small"],

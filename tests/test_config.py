@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from autodrop.config import SearchConfig, config_from_options, read_spec
+from autodrop.config import SearchConfig, config_from_options, read_spec, validate
 from autodrop.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,6 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
         ({"sampler": "grid"}, "--sampler must be one of tpe, random, but got 'grid'"),
         ({"colour": "blue"}, "unknown setting 'colour'"),
         ({"epochs": "five"}, "epochs must be a whole number, but got 'five'"),
+        ({"seed": -1}, "--seed must be between 0 and 4294967295, but got -1"),
+        ({"seed": 2**32}, "--seed must be between 0 and 4294967295, but got 4294967296"),
+        ({"kinds": 5}, "--kinds must be a comma-separated list of element, channel, but got 5"),
+        ({"orders": True}, "--slots must be a comma-separated list of after-act, before-bn, but got True"),
+        ({"model-args": {"class": 3}},
+         "--model-arg names must be Python identifiers other than keywords, but got 'class'"),
     ],
 )
 def test_bad_settings_name_the_setting_and_the_value(options, message):
@@ -68,3 +74,12 @@ def test_spec_that_is_not_toml_is_refused(tmp_path):
 def test_shipped_study_specs_are_valid(spec):
     config = config_from_options(read_spec(spec))
     assert config.trials >= 1
+
+
+def test_largest_seed_is_accepted():
+    assert config_from_options({"seed": 2**32 - 1}).seed == 2**32 - 1
+
+
+def test_model_argument_named_by_a_keyword_is_refused_from_python_too():
+    with pytest.raises(ConfigError, match="other than keywords, but got 'lambda'"):
+        validate(SearchConfig(model_args={"lambda": 0.1}))

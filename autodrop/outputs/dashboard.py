@@ -8,6 +8,7 @@ serves in a background thread and returns once the server answers (tests use it)
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import threading
 import time
@@ -129,6 +130,17 @@ class RunningDashboard:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def is_loopback(host: str) -> bool:
+    """Return whether ``host`` is reachable only from this machine (127.0.0.0/8, ::1, localhost)."""
+    name = host.strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # a host name: it may well be reachable from elsewhere
 
 
 def start_dashboard(dashboard: DashboardApp, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> RunningDashboard:

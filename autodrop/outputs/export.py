@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autodrop import __version__
-from autodrop.config import SearchConfig, is_user_model
+from autodrop.config import SearchConfig, is_user_model, parse_model_spec
 from autodrop.errors import ConfigError, ModelError, StorageError
 from autodrop.nets.builtin import BUILTIN_MODELS
 from autodrop.nets.shape import ModelShape
@@ -117,6 +117,7 @@ def export_model(
     record = read_export_record(optuna_study, frozen)
     assert record.study is not None
     record = replace(record, config=trusted_config(record.study, model=model, need_data=False))
+    _refuse_model_file(record.config.model, {"--out": out_path, "--weights": weights_path})
     if record.scaling is None:  # a study from before the scaling was recorded: compute it again
         record = replace(record, scaling=_scaling_from_data(record, data))
     exporter = get_exporter(record.config.model)
@@ -153,6 +154,29 @@ def export_model(
         val_accuracy=record.val_accuracy, weights_path=weights_path, weights_from=weights_from,
         retrained_accuracy=retrained_accuracy,
     )
+
+
+def _refuse_model_file(model: str, outputs: dict[str, Path | None]) -> None:
+    """Raise ConfigError if an output would overwrite the user's own model file (FILE.py:Name)."""
+    if not is_user_model(model):
+        return
+    try:
+        spec = parse_model_spec(model)
+    except ModelError:
+        return  # the exporter names the problem
+    if spec.form != "file":
+        return
+    model_file = Path(spec.source)
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        same = path.resolve() == model_file.resolve()
+        if not same and path.exists() and model_file.exists():
+            same = os.path.samefile(path, model_file)  # a hard link, or another route to the same file
+        if same:
+            raise ConfigError(
+                f"{option} {str(path)!r} is the study's model file {str(model_file)!r}; give another file name."
+            )
 
 
 # -- choosing and checking the trial -----------------------------------------------------------

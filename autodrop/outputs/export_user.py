@@ -103,7 +103,7 @@ def _checked_placement(placement: Mapping[str, float | None], discovery: Discove
 def _file_header(spec: ModelSpec, rates: Mapping[str, float | None], header: Sequence[str]) -> list[str]:
     chosen = ", ".join(f"{name} p={rate:.4g}" for name, rate in rates.items() if rate is not None) or "no dropout"
     lines = [
-        f'"""{spec.label} with the dropout autodrop chose: {_plain(chosen)}.',
+        f'"""{_plain(spec.label)} with the dropout autodrop chose: {_plain(chosen)}.',
         "",
         "Written by autodrop; runs with PyTorch alone (and the file or package that defines the model).",
         "Build it with build_model() and load the trained weights with",
@@ -242,7 +242,7 @@ def _traced_class(
     lines.append(f"LAYERS = {layers!r}")
     lines += ["", ""]
     lines.append(f"class {class_name}(nn.Module):")
-    lines.append(f'    """{spec.label} as autodrop traced it, with dropout at the chosen sites."""')
+    lines.append(f'    """{_plain(spec.label)} as autodrop traced it, with dropout at the chosen sites."""')
     lines.append("")
     lines.append("    def __init__(self) -> None:")
     lines.append("        super().__init__()")
@@ -279,7 +279,7 @@ def _hooked_factory(
     runtime = inspect.getsource(hooks).split(_RUNTIME_MARKER, 1)[1]
     lines = ["", runtime.strip("\n"), "", "", _SET_SUBMODULE.strip("\n"), "", ""]
     lines.append("def build_model() -> nn.Module:")
-    lines.append(f'    """Return {spec.label} with dropout at the chosen sites, attached by forward hooks."""')
+    lines.append(f'    """Return {_plain(spec.label)} with dropout at the chosen sites, attached by forward hooks."""')
     lines += _construction(spec, built, kwargs, "    ")
     lines.append("    sites = [")
     lines += entries

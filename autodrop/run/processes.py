@@ -6,9 +6,13 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 from autodrop.run.signals import STOP_SIGNALS, Interrupted
+
+# How long workers told to stop because this process failed may take before they are killed.
+STOP_GRACE_S = 5.0
 
 
 def run_processes(
@@ -24,7 +28,8 @@ def run_processes(
     process groups of their own, so a Ctrl-C in the terminal reaches only this process, which
     passes each SIGINT or SIGTERM on to them once: the first asks them to stop cleanly, a second
     to stop now. ``poll`` is called about every ``poll_s`` seconds while they run. Raises
-    Interrupted after they have all stopped if a signal stopped them.
+    Interrupted after they have all stopped if a signal stopped them. If this function fails
+    (``poll`` raises, say), the workers still running are stopped before the error passes on.
     """
     context = multiprocessing.get_context("spawn")
     processes = [
@@ -52,12 +57,30 @@ def run_processes(
                 process.join(timeout=poll_s / len(processes))
             if poll is not None:
                 poll()
+    except BaseException:
+        # Workers would otherwise go on training, unwatched, after this process has failed.
+        _stop(processes)
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if received:
         raise Interrupted(received[0])
     return [int(p.exitcode or 0) for p in processes]
+
+
+def _stop(processes: Sequence[Any]) -> None:
+    """Ask every worker still running to stop (SIGTERM); kill those still running after STOP_GRACE_S."""
+    alive = [p for p in processes if p.pid is not None and p.is_alive()]
+    for process in alive:
+        process.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for process in alive:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+    for process in alive:
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def _in_own_group(target: Callable[..., None], args: tuple[Any, ...]) -> None:

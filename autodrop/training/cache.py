@@ -25,7 +25,7 @@ import numpy as np
 from autodrop.errors import AutodropWarning
 
 CACHE_ENV = "AUTODROP_CACHE_DIR"
-FORMAT_VERSION = 1  # bump when what is stored, or how images are decoded, changes
+FORMAT_VERSION = 2  # bump when what is stored, or how images are decoded, changes
 _OFF = ("off", "none", "0", "false", "no")
 
 
@@ -46,7 +46,11 @@ def listing(groups: Sequence[Sequence[tuple[Path, str]]]) -> list[list[list[Any]
     for files in groups:
         rows = []
         for path, label in files:
-            stat = path.stat()
+            try:
+                stat = path.stat()
+            except OSError:
+                # Gone since the folder was listed: decoding it fails too and is skipped with a warning naming it.
+                continue
             rows.append([str(path.resolve()), label, stat.st_size, stat.st_mtime_ns])
         result.append(rows)
     return result
@@ -109,20 +113,25 @@ def _read(path: Path, digest: str) -> tuple[dict[str, np.ndarray], list[str]] | 
 
 def _write(path: Path, digest: str, messages: list[str], arrays: dict[str, np.ndarray]) -> None:
     """Store the arrays atomically: a reader sees the old file or the complete new one."""
+    tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as f:
             tmp = Path(f.name)
             np.savez(f, __key__=np.array(digest), __warnings__=np.array(json.dumps(messages)), **arrays)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
+        # A partial file can be as large as the data set: remove it whatever stopped the write, Ctrl-C included.
+        if tmp is not None:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        if not isinstance(e, OSError):
+            raise
         warnings.warn(
             f"cannot write the decoded-image cache in {str(path.parent)!r} ({e.strerror or e}); images will be "
             f"decoded again next time. Set {CACHE_ENV} to a writable folder, or to 'off'.",
             AutodropWarning,
             stacklevel=3,
         )
-        try:
-            tmp.unlink()  # type: ignore[possibly-undefined]
-        except (OSError, NameError):
-            pass

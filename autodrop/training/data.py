@@ -207,10 +207,14 @@ def _decode_groups(
 
 def _decode_all(files: list[tuple[Path, str]], config: DataConfig) -> list[tuple[np.ndarray, str]]:
     """Decode and resize every file; unreadable ones are skipped with a warning that names them."""
+    from PIL import Image
+
     decoded = []
     for path, label in files:
         try:
             decoded.append((_decode(path, config.image_size), label))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            warnings.warn(f"skipping {path}: too large to decode safely ({e})", AutodropWarning)
         except Exception as e:  # PIL raises many types for broken or non-image files
             warnings.warn(f"skipping {path}: not a readable image ({type(e).__name__}: {e})", AutodropWarning)
     return decoded
@@ -220,7 +224,14 @@ def _decode(path: Path, size: int) -> np.ndarray:
     """Return the image at ``path`` as an (H, W) gray or (H, W, 3) RGB uint8 array, resized."""
     from PIL import Image
 
-    with Image.open(path) as image:
+    with warnings.catch_warnings():
+        # PIL only warns between its two size limits and would then decode the whole image: refuse it.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        opened = Image.open(path)
+    with opened as image:
+        if image.format == "JPEG":
+            # Decodes at 1/2, 1/4 or 1/8 scale where that still covers the target size.
+            image.draft(None, (size, size))
         image.load()  # decode now, so a truncated file fails here and not later
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             # Deep grayscale: scale to 8 bits by the image's own range rather than clipping.

@@ -202,3 +202,12 @@ def test_sites_command_lists_a_built_in_models_sites():
     assert result.exit_code == 0, result.output
     row = next(line.split() for line in result.output.splitlines() if line.strip().startswith("fc1"))
     assert row == ["fc1", "fc", "flatten", "2048", "-"]
+
+
+def test_sites_command_lists_each_site_of_a_built_in_model_once():
+    result = CliRunner().invoke(main, ["sites", "--model", "simple-cnn"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.output.splitlines() if line.startswith("  ")]
+    names = [row[0] for row in rows if row[1] in ("conv", "fc")]
+    assert names == ["conv1", "conv2", "conv3", "fc1", "fc2"]  # conv sites are declared in two slots each
+    assert "\n5 sites, declared by the built-in model." in result.output

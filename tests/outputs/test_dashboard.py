@@ -94,6 +94,41 @@ def test_dashboard_command_prints_url_and_stops_on_ctrl_c(tiny_study):
     assert "Dashboard stopped." in rest and "Traceback" not in rest
 
 
+def test_dashboard_on_a_non_loopback_host_warns_before_serving(tiny_study, monkeypatch):
+    import time
+
+    with socket.socket() as s:  # a port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    served = []
+    real_sleep = time.sleep
+
+    def ctrl_c_while_serving(seconds: float) -> None:
+        if seconds < 60:  # the short waits of the server and its readiness check
+            real_sleep(seconds)
+            return
+        served.append(get_json(f"http://127.0.0.1:{port}/api/meta"))  # it really serves on 0.0.0.0
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(time, "sleep", ctrl_c_while_serving)
+    result = CliRunner().invoke(main, ["dashboard", "--storage", tiny_study.url, "--host", "0.0.0.0",
+                                       "--port", str(port)])
+    assert result.exit_code == 0, result.output
+    assert served
+    assert result.stderr == (f"Warning: --host 0.0.0.0 serves the dashboard beyond this machine: anyone who can "
+                             f"reach port {port} can upload and delete artifacts and edit notes.\n")
+    assert result.output.startswith("Warning: ") and "Dashboard stopped." in result.output
+
+
+@pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True),
+                                                ("localhost", True), ("0.0.0.0", False), ("::", False),
+                                                ("192.168.1.5", False), ("my-laptop.example", False)])
+def test_only_loopback_hosts_count_as_this_machine_alone(host, loopback):
+    from autodrop.outputs.dashboard import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
 def test_dashboard_port_in_use_is_one_line_exit_2(tiny_study):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -161,6 +161,46 @@ def test_tampered_model_name_is_refused(tiny_study, tmp_path):
     assert "only the built-in models" in result.output
 
 
+USER_NET = """from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10, in_channels=1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+
+    def forward(self, x):
+        return self.head(self.conv(x))
+"""
+
+
+@pytest.mark.parametrize("option", ["--out", "--weights"])
+def test_export_refuses_to_overwrite_the_studys_model_file(tmp_path, option):
+    import warnings
+
+    from autodrop.api import search
+    from autodrop.errors import AutodropWarning
+
+    model_file = tmp_path / "net.py"
+    model_file.write_text(USER_NET)
+    link = tmp_path / "link.py"
+    link.symlink_to(model_file)  # another name for the same file
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AutodropWarning)
+        search(data="digits", image_size=16, train_per_class=10, epochs=1, batch_size=32, trials=1, pruner="none",
+               device="cpu", model=f"{model_file}:Net", storage=storage)
+    outputs = {"--out": str(tmp_path / "w.py"), "--weights": str(tmp_path / "w.pt"), option: str(link)}
+    result = CliRunner().invoke(main, ["export", "--storage", storage, "--out", outputs["--out"],
+                                       "--weights", outputs["--weights"]])
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"Error: {option} {str(link)!r} is the study's model file {str(model_file)!r}; "
+                             "give another file name.\n")
+    assert model_file.read_text() == USER_NET
+    assert not (tmp_path / "w.py").exists() and not (tmp_path / "w.pt").exists()
+
+
 def test_non_builtin_model_has_no_exporter_yet():
     from autodrop.errors import ModelError
     from autodrop.outputs.export import get_exporter

@@ -146,3 +146,40 @@ def test_header_lines_cannot_break_out_of_their_comment():
                                   header=["trial 1\nimport os"])
     assert "\nimport os" not in source
     compile(source, "winner.py", "exec")
+
+
+QUOTED_MODEL = '''
+import torch
+from torch import nn
+
+
+class Small(nn.Module):
+    def __init__(self, num_classes=10, in_channels=1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4, 3, padding=1)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class Branchy(Small):
+    def forward(self, x):
+        if x.mean() > 100:  # data-dependent: torch.fx cannot trace it, so hooks find the sites
+            x = x / 255
+        return super().forward(x)
+'''
+
+
+@pytest.mark.parametrize("name", ["Small", "Branchy"], ids=["traced", "hooked"])
+def test_model_file_name_with_triple_quotes_exports_source_that_runs(tmp_path, name):
+    path = tmp_path / 'net"""x.py'
+    path.write_text(QUOTED_MODEL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AutodropWarning)
+        source = export_custom_source(f"{path}:{name}", {}, {}, channels=1, n_classes=3, image_size=8)
+    namespace: dict = {}
+    exec(compile(source, "winner.py", "exec"), namespace)
+    model = namespace["build_model"]()
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)

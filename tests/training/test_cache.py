@@ -12,6 +12,7 @@ import torch
 
 from autodrop.config import DataConfig
 from autodrop.errors import AutodropWarning
+from autodrop.training import cache
 from autodrop.training import data as data_module
 from autodrop.training.cache import CACHE_ENV
 from autodrop.training.data import load_data
@@ -159,3 +160,35 @@ def test_train_and_val_folders_are_cached_together(
     assert len(decode_calls) == 18
     _same(first, second)
     assert len(second.val_labels) == 6
+
+
+def test_file_deleted_after_the_folder_was_listed_is_skipped_with_a_warning(
+    tmp_path: Path, cache_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _write_folder(tmp_path / "images")
+    gone = root / "cat" / "3.png"
+    real_list = data_module._list_classes
+
+    def list_then_delete(folder: Path):
+        listed = real_list(folder)
+        gone.unlink()  # another process removes it before the loader reads it
+        return listed
+
+    monkeypatch.setattr(data_module, "_list_classes", list_then_delete)
+    with pytest.warns(AutodropWarning, match="3.png"):
+        data = load_data(DataConfig(source=str(root), image_size=8))
+    assert len(data.train_labels) + len(data.val_labels) == 11
+
+
+class _Interrupting:
+    """Pickling it is where Ctrl-C lands: after the cache file has been partly written."""
+
+    def __reduce__(self):
+        raise KeyboardInterrupt
+
+
+def test_interrupted_cache_write_leaves_no_partial_file(cache_folder: Path) -> None:
+    arrays = {"images0": np.zeros((64, 8, 8), np.uint8), "labels0": np.array([_Interrupting()], dtype=object)}
+    with pytest.raises(KeyboardInterrupt):
+        cache._write(cache_folder / "slot.npz", "digest", [], arrays)
+    assert list(cache_folder.iterdir()) == []

@@ -107,3 +107,40 @@ def test_a_folder_whose_only_files_are_broken_is_refused(tmp_path):
         (tmp_path / "d" / name / "x.png").write_bytes(b"\x89PNG broken")
     with pytest.warns(AutodropWarning), pytest.raises(DataError, match="no readable images"):
         load_data(DataConfig(source=str(tmp_path / "d"), image_size=8))
+
+
+def test_images_over_pils_size_limits_are_skipped_with_a_warning_naming_them(image_folder, monkeypatch):
+    # 40x40 lies between PIL's warning and error limits once MAX_IMAGE_PIXELS is 1000; 50x50 is beyond both.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.new("L", (40, 40), 128).save(image_folder / "a" / "warned.png")
+    Image.new("L", (50, 50), 128).save(image_folder / "b" / "refused.png")
+    with pytest.warns(AutodropWarning) as caught:
+        data = load_data(DataConfig(source=str(image_folder), image_size=8))
+    messages = [str(w.message) for w in caught if issubclass(w.category, AutodropWarning)]
+    for name in ("warned.png", "refused.png"):
+        assert any(name in m and "too large to decode safely" in m for m in messages), messages
+    assert len(data.train_labels) + len(data.val_labels) == 30
+
+
+def test_large_jpegs_are_decoded_at_reduced_size_when_that_covers_the_target(tmp_path, monkeypatch):
+    from PIL import JpegImagePlugin
+
+    from autodrop.training.data import _decode
+
+    path = tmp_path / "photo.jpg"
+    pixels = np.random.default_rng(0).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
+    Image.fromarray(pixels, "RGB").save(path, quality=90)
+    loaded_sizes = []
+    real_load = JpegImagePlugin.JpegImageFile.load
+
+    def recording_load(self):
+        loaded_sizes.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", recording_load)
+    small = _decode(path, 32)
+    assert loaded_sizes[0] == (80, 60)  # an eighth of 640x480, still at least 32 on each side
+    assert small.shape == (32, 32, 3)
+    with Image.open(path) as full:
+        reference = np.asarray(full.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float32)
+    assert abs(float(small.mean()) - float(reference.mean())) < 2
