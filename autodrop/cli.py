@@ -91,8 +91,8 @@ def main() -> None:
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=TrainConfig.schedule, show_default=True,
               help="Dropout for the whole run, or only its first half ('early dropout').")
 @click.option("--pruner", type=click.Choice(PRUNERS), default=_DEFAULTS.pruner, show_default=True,
-              help="noise: stop a trial only when it is behind the typical trial by more than the validation "
-                   "set's noise, and not before half the epochs.")
+              help="noise: stop a trial only when it is behind the typical trial by more than the noise of "
+                   "one reading, and not before two thirds of the epochs.")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=_DEFAULTS.sampler, show_default=True,
               help="tpe: grouped multivariate TPE; random: random search (a yardstick).")
 @click.option("--image-size", type=int, default=DataConfig.image_size, show_default=True,

@@ -143,24 +143,21 @@ def confirm_study(
     config = trusted_config(record, model=model, data=data)
     images = load_data(config.data)
     check_same_data(record, data_record(images))
-    trainer = CandidateTrainer(config, images, device=device, on_run=on_run, runs=read_confirmation_runs(study))
-
-    def store_runs() -> None:
-        study.set_user_attr(CONFIRMATION_RUNS_KEY, trainer.runs)
-
-    try:
-        if n_seeds is not None:
-            confirmation = confirm_fixed(trainer, candidates, n_seeds)
-        else:
-            confirmation = confirm_sequentially(trainer, candidates, max_seeds=max_seeds)
-    finally:
-        store_runs()  # what was trained is kept, even if a later run fails or is interrupted
+    # Every run is stored as soon as it is trained: a stopped or killed confirm loses none of them.
+    trainer = CandidateTrainer(config, images, device=device, on_run=on_run, runs=read_confirmation_runs(study),
+                               on_trained=lambda runs: study.set_user_attr(CONFIRMATION_RUNS_KEY, runs))
+    if n_seeds is not None:
+        confirmation = confirm_fixed(trainer, candidates, n_seeds)
+    else:
+        confirmation = confirm_sequentially(trainer, candidates, max_seeds=max_seeds)
     study.set_user_attr(CONFIRMATION_KEY, confirmation.to_dict())
     return confirmation
 
 
 def select_candidates(record: StudyRecord, trials: list[TrialRecord], top: int) -> list[Candidate]:
-    """Return the ``top`` best completed searched placements (distinct) and one trial per baseline."""
+    """Return the ``top`` best completed searched placements (distinct) and one trial per baseline,
+    each in the search's order of rank; raise StorageError when there is no searched placement or
+    no completed no-dropout baseline to compare (nothing would be trained then)."""
     complete = [t for t in trials if t.state == "complete" and t.val_accuracy is not None]
     if not complete:
         raise StorageError(f"study {record.name!r} has no completed trial to confirm.")
@@ -181,6 +178,12 @@ def select_candidates(record: StudyRecord, trials: list[TrialRecord], top: int) 
         elif candidate.key not in seen and len(chosen) < top:
             seen.add(candidate.key)
             chosen.append(candidate)
+    if not chosen:
+        raise StorageError(f"study {record.name!r} has no completed searched placement (other than the baselines) "
+                           "to confirm; run more trials first.")
+    if "none" not in baselines:
+        raise StorageError(f"study {record.name!r} has no completed no-dropout baseline to compare with; rerun the "
+                           "search so it completes.")
     return chosen + list(baselines.values())
 
 
@@ -190,8 +193,10 @@ class CandidateTrainer:
 
     def __init__(self, config: SearchConfig, data: ImageData, *, device: str = "auto",
                  on_run: Callable[[str, int], None] | None = None,
-                 runs: dict[str, dict[str, list[float]]] | None = None) -> None:
+                 runs: dict[str, dict[str, list[float]]] | None = None,
+                 on_trained: Callable[[dict[str, dict[str, list[float]]]], None] | None = None) -> None:
         self.config = config
+        self.on_trained = on_trained
         self.device = resolve_device(device)
         self.data = data.to(self.device)
         self.normaliser = Normaliser(data.train_images).to(self.device)
@@ -214,6 +219,8 @@ class CandidateTrainer:
                 done[str(seed)] = [metrics.val_accuracy, metrics.gap]
             except TrainingDiverged:
                 done[str(seed)] = [0.0, 0.0]
+            if self.on_trained is not None:
+                self.on_trained(self.runs)
 
     def result(self, candidate: Candidate, n_seeds: int | None = None) -> CandidateResult:
         """Return ``candidate``'s figures over its first ``n_seeds`` seeds (all it has by default)."""
@@ -231,29 +238,39 @@ class CandidateTrainer:
         )
 
 
+def _chosen_in_advance(candidates: list[Candidate]) -> tuple[Candidate, Candidate, Candidate | None]:
+    """Return the placements the verdict compares, chosen from the search's ranking before any
+    confirmation run: the best searched placement, no dropout, and the best other recipe.
+
+    Choosing them from the confirmation's own runs would test the luckiest of several on the seeds
+    that made it look best, and confirm placements that are no better more often than the stated
+    rate; the other candidates are retrained to be shown, not to be chosen among.
+    """
+    searched = [c for c in candidates if c.baseline is None]
+    recipes = [c for c in candidates if c.baseline not in (None, "none")]
+    none = next(c for c in candidates if c.baseline == "none")
+    return searched[0], none, (recipes[0] if recipes else None)
+
+
 def confirm_fixed(trainer: CandidateTrainer, candidates: list[Candidate], n_seeds: int) -> Confirmation:
-    """Train every candidate on ``n_seeds`` seeds and compare the best searched with the best baseline."""
+    """Train every candidate on ``n_seeds`` seeds and compare the search's best placement with no
+    dropout and with the best recipe."""
+    winner, _, recipe = _chosen_in_advance(candidates)
     for candidate in candidates:
         trainer.train(candidate, n_seeds)
-    return summarize([trainer.result(c, n_seeds) for c in candidates], stopped="fixed")
+    return summarize([trainer.result(c, n_seeds) for c in candidates], stopped="fixed", winner=winner.label,
+                     recipe=None if recipe is None else recipe.label)
 
 
 def confirm_sequentially(trainer: CandidateTrainer, candidates: list[Candidate], *,
                          max_seeds: int = MAX_SEEDS) -> Confirmation:
-    """Train every candidate on MIN_SEEDS seeds, then add seeds to the searched winner, no dropout
-    and the best recipe until the winner's lead over no dropout is decided (its interval excludes
-    zero), settled (its interval lies within DECISION_WIDTH), or ``max_seeds`` is reached."""
+    """Train every candidate on MIN_SEEDS seeds, then add seeds to the search's best placement, no
+    dropout and the best recipe until the winner's lead over no dropout is decided (its interval
+    excludes zero), settled (its interval lies within DECISION_WIDTH), or ``max_seeds`` is reached."""
+    winner, none, recipe = _chosen_in_advance(candidates)
     for candidate in candidates:
         trainer.train(candidate, MIN_SEEDS)
-    results = {c.key: trainer.result(c, MIN_SEEDS) for c in candidates}
-    searched = [c for c in candidates if c.baseline is None]
-    baselines = [c for c in candidates if c.baseline is not None]
-    none = next((c for c in baselines if c.baseline == "none"), None)
-    if not searched or none is None:
-        return summarize([trainer.result(c, MIN_SEEDS) for c in candidates], stopped="fixed")
-    winner = max(searched, key=lambda c: results[c.key].mean)
-    best_recipe = max(baselines, key=lambda c: results[c.key].mean)
-    followed = list({c.key: c for c in (winner, none, best_recipe)}.values())
+    followed = list({c.key: c for c in (winner, none, recipe) if c is not None}.values())
     level = 1.0 - pocock_alpha(MIN_SEEDS, max_seeds)
     n = MIN_SEEDS
     while True:
@@ -265,7 +282,8 @@ def confirm_sequentially(trainer: CandidateTrainer, candidates: list[Candidate],
         for candidate in followed:
             trainer.train(candidate, n)
     final = [trainer.result(c, n if c in followed else MIN_SEEDS) for c in candidates]
-    return summarize(final, stopped=stopped, winner=winner.label, recipe=best_recipe.label, level=level)
+    return summarize(final, stopped=stopped, winner=winner.label, recipe=None if recipe is None else recipe.label,
+                     level=level)
 
 
 def _stopping_rule(comparison: Comparison, n: int, max_seeds: int) -> str | None:
@@ -352,13 +370,10 @@ def summarize(results: list[CandidateResult], *, stopped: str, winner: str | Non
         return Confirmation(seeds, results, None, None, stopped,
                             f"Nothing to compare: a searched placement and no dropout are both needed, but only "
                             f"{only} were retrained.")
-    best = next((r for r in searched if r.label == winner), None) or max(searched, key=lambda r: r.mean)
+    best = next((r for r in searched if r.label == winner), searched[0])
     comparison = compare(best, none, level=level)
-    recipes = [r for r in results if r.baseline is not None and r.baseline != "none"]
-    best_recipe = next((r for r in recipes if r.label == recipe), None) or max(recipes, key=lambda r: r.mean, default=None)
-    against = None
-    if best_recipe is not None and best_recipe.mean > none.mean:
-        against = compare(best, best_recipe, level=level)
+    best_recipe = next((r for r in results if r.label == recipe and r.baseline not in (None, "none")), None)
+    against = None if best_recipe is None else compare(best, best_recipe, level=level)
     return Confirmation(seeds, results, comparison, against, stopped, _verdict(comparison, best, against, stopped))
 
 

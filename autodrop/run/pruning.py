@@ -2,10 +2,11 @@
 
 Dropout slows early learning, so a pruner that judges trials after an epoch or two selects against
 exactly the trials autodrop exists to measure. :class:`NoisePruner` waits until the trials that
-will catch up have had time to (``min_epoch``, by default two thirds of the epochs), then stops a trial
-only when its best validation accuracy so far is below the typical trial's at that epoch by more
-than the noise of one reading: the binomial noise of an accuracy on this validation set, and the
-epoch-to-epoch wobble of the completed trials' own curves (large when training has not settled).
+will catch up have had time to (``min_epoch``, by default two thirds of the epochs), then stops a
+trial only when its best validation accuracy so far is below the typical trial's at that epoch by
+more than ``z`` (2) standard deviations of that difference: the binomial noise of both accuracies
+on this validation set, and the epoch-to-epoch wobble of the completed trials' own curves (large
+when training has not settled).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -62,8 +63,21 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> TinyStudy:
     return study
 
 
+REQUIRE_CHROMIUM_ENV = "AUTODROP_REQUIRE_CHROMIUM"  # CI sets it: the browser tests must run there
+
+
 def find_chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def skip_without_chromium() -> None:
+    """Skip the test, saying why, where Chromium is missing; fail it where CI requires Chromium."""
+    if find_chromium() is not None:
+        return
+    reason = "Chromium is not installed (apt-get install chromium); the headless rendering check needs it."
+    if os.environ.get(REQUIRE_CHROMIUM_ENV) == "1":
+        pytest.fail(f"{REQUIRE_CHROMIUM_ENV}=1 but {reason}")
+    pytest.skip(reason)
 
 
 def run_chromium(
@@ -74,9 +88,8 @@ def run_chromium(
     ``offline`` sends every request but loopback to a closed port, so a page that needs the
     network cannot render.
     """
+    skip_without_chromium()
     chromium = find_chromium()
-    if chromium is None:
-        pytest.skip("Chromium is not installed (apt-get install chromium); the headless rendering check needs it.")
     with tempfile.TemporaryDirectory(prefix="autodrop-chromium-") as profile:
         done = subprocess.run(
             [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size=1280,{height}",
@@ -91,9 +104,8 @@ def run_chromium(
 
 @pytest.fixture
 def headless():
-    """Return run_chromium; skips the test, saying why, where Chromium is not installed."""
-    if find_chromium() is None:
-        pytest.skip("Chromium is not installed (apt-get install chromium); the headless rendering check needs it.")
+    """Return run_chromium; skips the test, saying why, where Chromium is not installed (fails it in CI)."""
+    skip_without_chromium()
     return run_chromium
 
 

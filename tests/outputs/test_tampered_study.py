@@ -149,3 +149,35 @@ def test_an_absolute_recorded_weights_folder_is_never_written_or_read(tiny_study
     assert "retrained" in result.output  # no weights beside the copied database: never looked for elsewhere
     assert not elsewhere.exists()
     assert os.path.getsize(tmp_path / "w.pt") > 0
+
+
+def test_an_uploaded_file_named_like_weights_is_never_taken_for_a_trials_weights(tiny_study, tmp_path, monkeypatch):
+    """optuna-dashboard lets anyone who reaches it upload artifacts; export trusts only the artifact
+    whose id and digest the search recorded with the trial."""
+    import json
+    import shutil
+
+    import torch
+
+    copy = tiny_study.copy_to(tmp_path / "study")
+    shutil.copytree(tiny_study.artifact_dir, copy.folder / "study-artifacts")
+    study = copy.load()
+    trial = next(t for t in study.trials if records.WEIGHTS in t.user_attrs)
+    with sqlite3.connect(copy.db) as connection:  # as if the search had kept none for this trial
+        connection.execute("DELETE FROM trial_user_attributes WHERE key = 'weights' AND trial_id = "
+                           "(SELECT trial_id FROM trials WHERE number = ?)", (trial.number,))
+    # What the dashboard's upload leaves: a file in the store and its description on the trial.
+    artifact_id = "0123456789abcdef0123456789abcdef"
+    torch.save({"planted": torch.zeros(1)}, copy.folder / "study-artifacts" / artifact_id)
+    meta = {"artifact_id": artifact_id, "filename": f"trial-{trial.number}-weights.pt",
+            "mimetype": "application/octet-stream", "encoding": None}
+    with sqlite3.connect(copy.db) as connection:
+        connection.execute(
+            "INSERT INTO trial_system_attributes (trial_id, key, value_json) SELECT trial_id, ?, ? FROM trials "
+            "WHERE number = ?", (f"artifacts:{artifact_id}", json.dumps(meta), trial.number))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["export", "--storage", copy.url, "--trial", str(trial.number), "--out",
+                                       str(tmp_path / "w.py"), "--weights", str(tmp_path / "w.pt")])
+    assert result.exit_code == 0, result.output
+    assert "retrained it with its seed" in result.output  # the uploaded file was not used
+    assert "planted" not in torch.load(tmp_path / "w.pt", weights_only=True)

@@ -97,11 +97,15 @@ def test_a_rerun_reuses_every_stored_run_and_trains_nothing_twice():
 def test_looking_after_every_seed_keeps_false_confirmations_near_five_percent():
     alpha = pocock_alpha(MIN_SEEDS, MAX_SEEDS)
     assert 0.005 < alpha < 0.02  # each look is stricter than 95%
-    calls = 0
-    for seed in range(300):
-        trainer = PlantedTrainer({"trial 7": 0.9, "trial 9": 0.9, "none": 0.9, "head": 0.9}, sd=0.02, seed=seed)
-        calls += confirm_sequentially(trainer, CANDIDATES).comparison.significant
-    assert calls / 300 < 0.09  # about 5%, with room for the simulation's own noise
+    confirmed = 0
+    candidates = [_candidate(f"trial {i}", {"fc1": 0.1 * i}) for i in range(1, 4)] + CANDIDATES[2:]
+    for seed in range(400):
+        means = {c.label: 0.9 for c in candidates}
+        trainer = PlantedTrainer(means, sd=0.02, seed=seed)
+        confirmed += confirm_sequentially(trainer, candidates).verdict.startswith("Confirmed")
+    # One-sided, so about 2.5% when nothing is better: three searched candidates (--top 3) do not
+    # raise it, because the one compared is chosen by the search, not by the retrained runs.
+    assert confirmed / 400 < 0.05
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ from autodrop.training.loop import TrainingState, train_trial
 from autodrop.training.normaliser import Normaliser
 
 CPU = torch.device("cpu")
+UUID = "0123456789abcdef0123456789abcdef"
+OWNER = {"study": UUID, "trial": 0, "placement": "conv1=0.3", "seed": 3, "epochs": 4}
 
 
 @pytest.fixture(scope="module")
@@ -49,21 +51,21 @@ def test_resumed_training_matches_uninterrupted_training(data: ImageData, tmp_pa
     straight = _model(data)
     expected = train_trial(straight, data, normaliser, config, seed=3, device=CPU)
 
-    path = checkpoint_path(tmp_path, "study", 0)
+    path = checkpoint_path(tmp_path, "study", UUID, 0)
     first = _model(data)
 
     class Died(Exception):
         pass
 
     def save_then_die(state: TrainingState) -> None:
-        save_checkpoint(path, state)
+        save_checkpoint(path, state, OWNER)
         if state.metrics.epoch == dies_after:
             raise Died  # the worker dies right after this checkpoint
 
     with pytest.raises(Died):
         train_trial(first, data, normaliser, config, seed=3, device=CPU, on_checkpoint=save_then_die)
 
-    resume = load_checkpoint(path, CPU)
+    resume = load_checkpoint(path, CPU, OWNER, config.epochs)
     assert resume is not None and resume.metrics.epoch == dies_after
     epochs_seen: list[int] = []
     resumed = _model(data)  # fresh weights: everything must come from the checkpoint
@@ -75,26 +77,32 @@ def test_resumed_training_matches_uninterrupted_training(data: ImageData, tmp_pa
         assert torch.equal(tensor, resumed.state_dict()[name]), name
 
 
-def test_checkpoint_of_the_last_epoch_resumes_to_the_final_figures(data: ImageData, tmp_path: Path) -> None:
+def test_a_checkpoint_is_used_only_by_its_own_trial_and_before_its_last_epoch(data: ImageData, tmp_path: Path) -> None:
     config = TrainConfig(epochs=2, batch_size=16, device="cpu")
-    normaliser = Normaliser(data.train_images)
-    path = checkpoint_path(tmp_path, "study", 1)
-    expected = train_trial(_model(data), data, normaliser, config, seed=1, device=CPU,
-                           on_checkpoint=lambda state: save_checkpoint(path, state))
-    # Killed after the last checkpoint but before the trial was told: nothing left to train.
-    got = train_trial(_model(data), data, normaliser, config, seed=1, device=CPU, resume=load_checkpoint(path, CPU))
-    assert got.val_accuracy == expected.val_accuracy
-    assert got.train_accuracy == expected.train_accuracy
+    path = checkpoint_path(tmp_path, "study", UUID, 1)
+    states: list[TrainingState] = []
+    train_trial(_model(data), data, Normaliser(data.train_images), config, seed=1, device=CPU,
+                on_checkpoint=states.append)
+    owner = dict(OWNER, trial=1, epochs=2)
+    save_checkpoint(path, states[0], owner)
+    assert load_checkpoint(path, CPU, owner, 2) is not None
+    for key, other in (("study", "f" * 32), ("trial", 2), ("placement", "fc1=0.5"), ("seed", 4), ("epochs", 3)):
+        with pytest.warns(AutodropWarning, match="belongs to another study, trial or setting"):
+            assert load_checkpoint(path, CPU, dict(owner, **{key: other}), 2) is None
+    # Saved after the last epoch (killed before the trial was told): a retry trains it again.
+    save_checkpoint(path, states[1], owner)
+    with pytest.warns(AutodropWarning, match="not before the last of 2"):
+        assert load_checkpoint(path, CPU, owner, 2) is None
 
 
 def test_missing_or_broken_checkpoint_starts_over_with_a_warning(tmp_path: Path) -> None:
     missing = tmp_path / "nothing.pt"
     with pytest.warns(AutodropWarning, match="starts over from epoch 1"):
-        assert load_checkpoint(missing, CPU) is None
+        assert load_checkpoint(missing, CPU, OWNER, 4) is None
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.warns(AutodropWarning, match="cannot be read"):
-        assert load_checkpoint(broken, CPU) is None
+    with pytest.warns(AutodropWarning, match="is not used"):
+        assert load_checkpoint(broken, CPU, OWNER, 4) is None
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(data: ImageData, tmp_path: Path,
@@ -103,9 +111,10 @@ def test_failed_checkpoint_write_keeps_the_previous_one(data: ImageData, tmp_pat
     states: list[TrainingState] = []
     train_trial(_model(data), data, Normaliser(data.train_images), config, seed=0, device=CPU,
                 on_checkpoint=states.append)
-    path = checkpoint_path(tmp_path, "my study/v2", 3)
-    assert path.parent.name == "my-study-v2" and path.name == "trial-3.pt"
-    save_checkpoint(path, states[0])
+    path = checkpoint_path(tmp_path, "my study/v2", UUID, 3)
+    assert path.parent.name == "my-study-v2-0123456789ab" and path.name == "trial-3.pt"
+    owner = dict(OWNER, trial=3, epochs=2)
+    save_checkpoint(path, states[0], owner)
     before = path.read_bytes()
 
     def dies_halfway(payload: object, target: Path) -> None:
@@ -114,10 +123,32 @@ def test_failed_checkpoint_write_keeps_the_previous_one(data: ImageData, tmp_pat
 
     monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(OSError):
-        save_checkpoint(path, states[0])
+        save_checkpoint(path, states[0], owner)
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["trial-3.pt"]  # no half-written file left
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         monkeypatch.undo()
-        assert load_checkpoint(path, CPU) is not None
+        assert load_checkpoint(path, CPU, owner, 2) is not None
+
+
+def test_a_folder_removed_while_saving_is_made_again(data: ImageData, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    states: list[TrainingState] = []
+    train_trial(_model(data), data, Normaliser(data.train_images), TrainConfig(epochs=2, batch_size=16, device="cpu"),
+                seed=0, device=CPU, on_checkpoint=states.append)
+    path = checkpoint_path(tmp_path, "study", UUID, 5)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def folder_vanishes_once(payload: object, target: Path) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            # Another worker's finished trial removed the emptied folder; torch reports a RuntimeError.
+            path.parent.rmdir()
+            raise RuntimeError("File ... cannot be opened.")
+        real_save(payload, target)
+
+    monkeypatch.setattr(torch, "save", folder_vanishes_once)
+    save_checkpoint(path, states[0], dict(OWNER, trial=5, epochs=2))
+    assert path.exists() and calls["n"] == 2
