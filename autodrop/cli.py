@@ -15,7 +15,11 @@ from click.core import ParameterSource
 
 from autodrop import __version__
 from autodrop.config import (
+    AUGMENTATIONS,
+    DEFAULT_LR,
     DEVICES,
+    LR_SCHEDULES,
+    OPTIMIZERS,
     PRUNERS,
     SAMPLERS,
     SCHEDULES,
@@ -80,7 +84,19 @@ def main() -> None:
               help="Finished trials the study ends with (a rerun adds only what is missing).")
 @click.option("--epochs", type=int, default=TrainConfig.epochs, show_default=True, help="Epochs per trial.")
 @click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True)
-@click.option("--lr", type=float, default=TrainConfig.lr, show_default=True, help="Adam learning rate.")
+@click.option("--lr", type=float, default=None,
+              help="Peak learning rate.  [default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + "]")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=TrainConfig.optimizer, show_default=True,
+              help="adam (AdamW when there is weight decay), or sgd with Nesterov momentum 0.9.")
+@click.option("--weight-decay", type=float, default=TrainConfig.weight_decay, show_default=True,
+              help="Decoupled weight decay (AdamW style): about 5e-4 with sgd, 0.05 with adam.")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=TrainConfig.lr_schedule, show_default=True,
+              help="How the learning rate moves, every batch: cosine warms up over the first 5% of the steps.")
+@click.option("--label-smoothing", type=float, default=TrainConfig.label_smoothing, show_default=True,
+              help="Share of each target spread over the other classes, in [0, 1).")
+@click.option("--augment", default="none", show_default=True,
+              help=f"none, or a comma-separated list of {', '.join(AUGMENTATIONS)} (training batches only). "
+                   "flip,crop suits photos; leave digits and text unflipped.")
 @click.option("--rate-range", type=(float, float), default=_DEFAULTS.rate_range, show_default=True,
               help="Lowest and highest dropout rate searched.")
 @click.option("--kinds", default=",".join(_DEFAULTS.kinds), show_default=True,

@@ -32,6 +32,14 @@ DROPOUT_KINDS = ("element", "channel")
 # and its batch norm, where dropout shifts the variance that batch norm sees. The first is the default.
 SLOTS = ("after-act", "before-bn")
 SCHEDULES = ("whole", "early")
+# The training recipe: the optimiser (Adam, or SGD with Nesterov momentum 0.9), each with its own
+# default learning rate; how the learning rate moves over the run; augmentations of the training
+# batches (flip: mirror left-right; crop: pad and crop back, a random shift; cutout: a square of
+# each image blanked).
+OPTIMIZERS = ("adam", "sgd")
+DEFAULT_LR = {"adam": 2e-3, "sgd": 0.05}
+LR_SCHEDULES = ("constant", "cosine", "onecycle")
+AUGMENTATIONS = ("flip", "crop", "cutout")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BUILTIN_DATASETS = ("digits",)  # data names that are not folders
 DEFAULT_STORAGE_FILE = "autodrop.db"
@@ -56,9 +64,31 @@ class TrainConfig:
 
     epochs: int = 4  # full passes over the training images per trial
     batch_size: int = 128  # images per optimiser step
-    lr: float = 2e-3  # Adam learning rate
+    lr: float | None = None  # peak learning rate; None: the optimiser's default (DEFAULT_LR)
     device: str = "auto"  # auto picks cuda, then mps, then cpu; cuda:N names one GPU
     schedule: str = "whole"  # "whole": dropout all run; "early": only in the first half of the epochs
+    optimizer: str = "adam"  # adam, or sgd (Nesterov momentum 0.9)
+    weight_decay: float = 0.0  # decoupled (AdamW style): each step multiplies weights by 1 - lr * weight_decay
+    lr_schedule: str = "constant"  # constant, cosine (5% linear warm-up) or onecycle; stepped every batch
+    label_smoothing: float = 0.0  # share of each target spread over the other classes, in [0, 1)
+    augment: tuple[str, ...] = ()  # of AUGMENTATIONS, applied to each training batch on the device
+
+    @property
+    def learning_rate(self) -> float:
+        """The peak learning rate: the one given, else the optimiser's default."""
+        return self.lr if self.lr is not None else DEFAULT_LR.get(self.optimizer, DEFAULT_LR["adam"])
+
+    def describe(self) -> str:
+        """Return the recipe in words, e.g. "Adam 2e-3, cosine, weight decay 5e-4, flip+crop, 30 epochs"."""
+        schedule = {"constant": "constant rate", "cosine": "cosine", "onecycle": "one-cycle"}.get(self.lr_schedule,
+                                                                                               self.lr_schedule)
+        parts = [f"{'Adam' if self.optimizer == 'adam' else 'SGD (Nesterov)'} {self.learning_rate:g}",
+                 schedule, f"weight decay {self.weight_decay:g}" if self.weight_decay else "no weight decay",
+                 "+".join(self.augment) if self.augment else "no augmentation"]
+        if self.label_smoothing:
+            parts.append(f"label smoothing {self.label_smoothing:g}")
+        parts.append(f"batch {self.batch_size}, {self.epochs} epoch{'s' if self.epochs != 1 else ''}")
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -139,9 +169,20 @@ def validate(config: SearchConfig) -> SearchConfig:
     _check(train.epochs >= 1, f"--epochs must be at least 1, but got {train.epochs}.")
     _check(train.batch_size >= 1, f"--batch-size must be at least 1, but got {train.batch_size}.")
     _check(
-        math.isfinite(train.lr) and train.lr > 0,
+        train.lr is None or (math.isfinite(train.lr) and train.lr > 0),
         f"--lr must be a positive number, but got {train.lr}.",
     )
+    _check(train.optimizer in OPTIMIZERS,
+           f"--optimizer must be one of {', '.join(OPTIMIZERS)}, but got {train.optimizer!r}.")
+    _check(train.lr_schedule in LR_SCHEDULES,
+           f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, but got {train.lr_schedule!r}.")
+    _check(math.isfinite(train.weight_decay) and 0.0 <= train.weight_decay < 1.0,
+           f"--weight-decay must be at least 0 and below 1, but got {train.weight_decay}.")
+    _check(math.isfinite(train.label_smoothing) and 0.0 <= train.label_smoothing < 1.0,
+           f"--label-smoothing must be at least 0 and below 1, but got {train.label_smoothing}.")
+    _check(all(a in AUGMENTATIONS for a in train.augment) and len(set(train.augment)) == len(train.augment),
+           f"--augment must be none or a comma-separated list of {', '.join(AUGMENTATIONS)}, but got "
+           f"{','.join(train.augment)!r}.")
     _check(
         _DEVICE_PATTERN.fullmatch(train.device) is not None,
         f"--device must be one of {', '.join(DEVICES)} or cuda:N, but got {train.device!r}.",
@@ -219,7 +260,8 @@ def _check(ok: bool, message: str) -> None:
 _DATA_KEYS = {"data": "source", "image-size": "image_size", "channels": "channels",
               "val-fraction": "val_fraction", "train-per-class": "train_per_class"}
 _TRAIN_KEYS = {"epochs": "epochs", "batch-size": "batch_size", "lr": "lr", "device": "device",
-               "schedule": "schedule"}
+               "schedule": "schedule", "optimizer": "optimizer", "weight-decay": "weight_decay",
+               "lr-schedule": "lr_schedule", "label-smoothing": "label_smoothing", "augment": "augment"}
 _SEARCH_KEYS = {"model": "model", "model-args": "model_args", "trials": "trials", "rate-range": "rate_range", "kinds": "kinds",
                 "slots": "slots", "pruner": "pruner", "sampler": "sampler", "seed": "seed", "study": "study", "storage": "storage",
                 "timeout": "timeout",
@@ -250,9 +292,11 @@ def config_from_options(options: Mapping[str, Any]) -> SearchConfig:
             given[name] = value
     if "rate-range" in given:
         given["rate-range"] = _rate_range(given["rate-range"])
-    for key, allowed in (("kinds", DROPOUT_KINDS), ("slots", SLOTS)):
+    for key, allowed in (("kinds", DROPOUT_KINDS), ("slots", SLOTS), ("augment", AUGMENTATIONS)):
         if key in given:
             given[key] = _choice_list(key, given[key], allowed)
+    if given.get("augment") == ("none",):
+        given["augment"] = ()
     if "model-args" in given:
         given["model-args"] = parse_model_args(given["model-args"])
     if isinstance(given.get("model"), str):
@@ -480,6 +524,8 @@ def config_to_options(config: SearchConfig) -> dict[str, Any]:
         options[key] = getattr(config.train, attr)
     for key, attr in _SEARCH_KEYS.items():
         options[key] = getattr(config, attr)
+    options["lr"] = config.train.learning_rate  # stored as the rate trained with, whatever chose it
+    options["augment"] = list(config.train.augment)
     options["rate-range"] = list(config.rate_range)
     options["kinds"] = list(config.kinds)
     options["slots"] = list(config.slots)

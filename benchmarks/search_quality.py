@@ -156,6 +156,8 @@ def main() -> None:
     parser.add_argument("--long-epochs", type=int, default=12, help="epochs per trial on the small cases")
     parser.add_argument("--min-epochs", default="", help="also replay the noise pruner from these epochs (1,2,3)")
     parser.add_argument("--no-confirm", action="store_true", help="skip autodrop confirm (faster)")
+    parser.add_argument("--augment", default="none",
+                        help="train every search with this augmentation (e.g. crop; digits are not flipped)")
     parser.add_argument("--keep", default=None, help="folder to keep the studies in (default: a temporary one)")
     args = parser.parse_args()
     import torch
@@ -169,10 +171,14 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, optuna {optuna.__version__}; studies in {folder}")
     cases = make_cases(folder, args.epochs, args.long_epochs)
+    if args.augment != "none":
+        for case in cases.values():
+            case.options["augment"] = args.augment
     for name in args.cases.split(","):
         case = cases[name]
         epochs = case.options["epochs"]
-        print(f"\n== {name}: {case.truth} ({args.trials} trials, {epochs} epochs, 16x16 images)")
+        print(f"\n== {name}: {case.truth} ({args.trials} trials, {epochs} epochs, 16x16 images, "
+              f"augmentation {args.augment})")
         reference = run_search(case, storage, f"{name}-none", trials=args.trials, pruner="none")
         default = run_search(case, storage, f"{name}-default", trials=args.trials)
         # Another seed: TPE starts with random draws from its own seed, which would repeat these.

@@ -6,7 +6,10 @@ digits at 32x32, written out as PNG files), same epochs, batch size 128, Adam at
 (a) the tutorial loop, as Optuna's PyTorch example writes it: torchvision ImageFolder +
     DataLoader over the image files (decoded every epoch), nn.Dropout, validation under no_grad;
 (b) autodrop's trial loop (autodrop.training.loop.train_trial) on the same folder, decoded once;
-(c) several trials at once as one packed model (autodrop.packed.PackTrainer), in trial-images/s.
+(c) several trials at once as one packed model (autodrop.packed.PackTrainer), in trial-images/s;
+(b+) and (c+): (b) and (c) with the realistic recipe: flip and crop augmentation on the device,
+    a cosine schedule and weight decay 5e-4 (``--augment flip,crop --lr-schedule cosine
+    --weight-decay 5e-4``). The recipe's cost is (b+) against (b), measured in the same run.
 
 An "epoch" is one pass over the training images plus one evaluation of the validation images, in
 every loop; images/s is training images per second of that. Each figure is the median of
@@ -15,7 +18,8 @@ convolutions and linear layers (training = 3x forward) against the device's meas
 
 Results and the machine they came from: benchmarks/README.md.
 Usage: python benchmarks/trial_throughput.py [--size N] [--device auto|cpu|cuda] [--epochs E]
-The last line printed is ``speedup vs tutorial loop: R.RRx`` ((b) over (a), images/s).
+The last line printed is ``speedup vs tutorial loop: R.RRx`` ((b) over (a), images/s); the one
+before it ``realistic recipe vs plain loop: R.RRx`` ((b+) over (b)).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -49,6 +54,8 @@ MODEL = "simple-cnn"
 RATE = 0.1  # every site on at this rate: the "everywhere-low" baseline, the most dropout work
 BATCH_SIZE = 128
 LR = 2e-3
+PLAIN = TrainConfig(batch_size=BATCH_SIZE, lr=LR)
+REALISTIC = TrainConfig(batch_size=BATCH_SIZE, lr=LR, augment=("flip", "crop"), lr_schedule="cosine", weight_decay=5e-4)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,8 +99,10 @@ def main(argv: list[str] | None = None) -> None:
 
         runs: dict[str, Callable[[int], float]] = {
             "tutorial": lambda epochs: _tutorial(folder, shape, device, epochs, args.workers, normaliser),
-            "autodrop": lambda epochs: _autodrop(on_device, normaliser, shape, device, epochs),
-            "packed": lambda epochs: _packed(on_device, normaliser, shape, device, epochs, pack),
+            "autodrop": lambda epochs: _autodrop(on_device, normaliser, shape, device, epochs, PLAIN),
+            "recipe": lambda epochs: _autodrop(on_device, normaliser, shape, device, epochs, REALISTIC),
+            "packed": lambda epochs: _packed(on_device, normaliser, shape, device, epochs, pack, PLAIN),
+            "packed-recipe": lambda epochs: _packed(on_device, normaliser, shape, device, epochs, pack, REALISTIC),
         }
         for run in runs.values():  # warm-up: kernels chosen, caches and allocator primed
             run(1)
@@ -104,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
 
     images = args.epochs * n_train
     rate = {name: images / statistics.median(s) for name, s in seconds.items()}
-    rate["packed"] *= pack  # trial-images: every member trains on every image
+    for name in ("packed", "packed-recipe"):
+        rate[name] *= pack  # trial-images: every member trains on every image
     flops_train, flops_eval = _flops_per_image(shape, device)
     epoch_flops = n_train * flops_train + n_val * flops_eval
     matmul = _matmul_rate(device)
@@ -115,7 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     labels = {
         "tutorial": "(a) tutorial loop (ImageFolder + DataLoader)",
         "autodrop": "(b) autodrop trial loop",
+        "recipe": "(b+) the same, realistic recipe",
         "packed": f"(c) {pack} trials packed (trial-images/s)",
+        "packed-recipe": "(c+) the same, realistic recipe",
     }
     for name, label in labels.items():
         achieved = rate[name] * epoch_flops / n_train
@@ -123,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{achieved / 1e9:9.1f} {100 * achieved / matmul:9.1f}%")
     spread = {name: f"{min(s):.2f}-{max(s):.2f}" for name, s in seconds.items()}
     print(f"seconds per run (min-max): {spread}")
-    print(f"packed vs one trial: {rate['packed'] / rate['autodrop']:.2f}x")
+    print(f"packed vs one trial: {rate['packed'] / rate['autodrop']:.2f}x; with the realistic recipe: "
+          f"{rate['packed-recipe'] / rate['recipe']:.2f}x; packed recipe vs packed plain: "
+          f"{rate['packed-recipe'] / rate['packed']:.2f}x")
     print(f"model: {flops_train / 1e6:.1f} MFLOP per training image, {flops_eval / 1e6:.1f} per evaluated image")
     print(f"device matmul rate: {matmul / 1e9:,.0f} GFLOP/s ({_matmul_dtype(device)}); arithmetic floor "
           f"{floor:,.0f} images/s; autodrop loop reaches {100 * rate['autodrop'] / floor:.0f}% of it")
@@ -132,13 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":
         line += f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB"
     print(line)
+    print(f"realistic recipe vs plain loop: {rate['recipe'] / rate['autodrop']:.2f}x")
     print(f"speedup vs tutorial loop: {rate['autodrop'] / rate['tutorial']:.2f}x")
 
 
 def _resize_train_set(data: ImageData, size: int) -> ImageData:
     """Return ``data`` with ``size`` training images (the first ones, or the set repeated)."""
-    from dataclasses import replace
-
     index = torch.arange(size) % len(data.train_labels)
     return replace(data, train_images=data.train_images[index], train_labels=data.train_labels[index])
 
@@ -235,25 +248,26 @@ def _tutorial(folder: Path, shape: ModelShape, device: torch.device, epochs: int
     return time.perf_counter() - start
 
 
-def _autodrop(data: ImageData, normaliser: Normaliser, shape: ModelShape, device: torch.device, epochs: int) -> float:
+def _autodrop(data: ImageData, normaliser: Normaliser, shape: ModelShape, device: torch.device, epochs: int,
+              recipe: TrainConfig) -> float:
     """autodrop's trial loop: seconds from the call to the last epoch's validation figures."""
     model = _autodrop_model(shape)
     ends: list[float] = []
     start = time.perf_counter()
     # on_epoch runs after the epoch's validation figures are read back (a device sync).
-    train_trial(model, data, normaliser, TrainConfig(epochs=epochs, batch_size=BATCH_SIZE, lr=LR), seed=0,
+    train_trial(model, data, normaliser, replace(recipe, epochs=epochs), seed=0,
                 device=device, on_epoch=lambda m: ends.append(time.perf_counter()))
     return ends[-1] - start  # the final train-set evaluation is left out: the tutorial loop has none
 
 
 def _packed(data: ImageData, normaliser: Normaliser, shape: ModelShape, device: torch.device, epochs: int,
-            pack: int) -> float:
+            pack: int, recipe: TrainConfig) -> float:
     """``pack`` trials at once, each with its own rates: seconds for ``epochs`` epochs of all of them."""
     members = []
     for k in range(pack):
         rates = {site: RATE * (1 + k % 3) for site in site_kinds(build_model(MODEL, shape))}
         members.append(Member(k, _autodrop_model(shape, seed=k, rates=rates), seed=k))
-    trainer = PackTrainer(data, normaliser, TrainConfig(epochs=epochs, batch_size=BATCH_SIZE, lr=LR), device=device,
+    trainer = PackTrainer(data, normaliser, replace(recipe, epochs=epochs), device=device,
                           seed=0, build=lambda: build_model(MODEL, shape))
     _sync(device)
     start = time.perf_counter()

@@ -26,8 +26,10 @@ def test_trial_throughput_runs_and_ends_with_the_speedup_line() -> None:
                  "--repeats", "1", "--pack", "2")
     assert re.fullmatch(r"speedup vs tutorial loop: \d+\.\d\dx", lines[-1]), lines[-1]
     text = "\n".join(lines)
-    for label in ("(a) tutorial loop", "(b) autodrop trial loop", "(c) 2 trials packed", "matmul rate", "peak RSS"):
+    for label in ("(a) tutorial loop", "(b) autodrop trial loop", "(b+) the same, realistic recipe",
+                  "(c) 2 trials packed", "(c+) the same, realistic recipe", "matmul rate", "peak RSS"):
         assert label in text
+    assert re.fullmatch(r"realistic recipe vs plain loop: \d+\.\d\dx", lines[-2]), lines[-2]
 
 
 @pytest.mark.slow

@@ -77,9 +77,10 @@ def example_batch(shape: ModelShape) -> torch.Tensor:
     return torch.randn(2, shape.channels, shape.image_size, shape.image_size, generator=generator)
 
 
-def inspect_model(name: str, shape: ModelShape, model_args: Mapping[str, Any] | None = None) -> ModelSites:
+def inspect_model(name: str, shape: ModelShape, model_args: Mapping[str, Any] | None = None, *,
+                  member_inputs: bool = False) -> ModelSites:
     """Build the model once to list its sites and slots, check that it fits the data, and say
-    whether its trials can be packed."""
+    whether its trials can be packed (``member_inputs``: each member with its own augmented images)."""
     model = build_model(name, shape, model_args=model_args)
     kinds = site_kinds(model)
     if not kinds:
@@ -97,7 +98,7 @@ def inspect_model(name: str, shape: ModelShape, model_args: Mapping[str, Any] | 
             f"model {name!r} gives outputs of shape {tuple(out.shape[1:])} per image, but the data has "
             f"{shape.n_classes} classes."
         )
-    return ModelSites(kinds, site_slots(model), packing_problem(model))
+    return ModelSites(kinds, site_slots(model), packing_problem(model, member_inputs=member_inputs))
 
 
 def _build_user_network(name: str, shape: ModelShape, model_args: Mapping[str, Any]) -> nn.Module:

@@ -37,12 +37,15 @@ from autodrop.nets.sites import DropSite, iter_sites
 _IMAGE, _FLAT, _CONV, _FC = "shared image", "shared flat", "packed maps", "packed features"
 
 
-def packing_problem(model: nn.Module) -> str | None:
-    """Return why ``model`` cannot be packed, or None if it can."""
+def packing_problem(model: nn.Module, *, member_inputs: bool = False) -> str | None:
+    """Return why ``model`` cannot be packed, or None if it can; ``member_inputs``: each member gets
+    an input of its own (augmented its own way), which only a first convolution can take."""
     if not isinstance(model, nn.Sequential):
         return f"only flat nn.Sequential models can be packed, not {type(model).__name__}"
     layout = _IMAGE
     for name, module in model.named_children():
+        if member_inputs and layout == _IMAGE and isinstance(module, (nn.Linear, nn.Flatten)):
+            return "each member's own (augmented) images need a convolution as the first layer with weights"
         layout, problem = _next_layout(layout, module)
         if problem:
             return f"layer {name!r} ({type(module).__name__}): {problem}"
@@ -228,16 +231,22 @@ class _MemberKey:
 
 
 class PackedNet(nn.Module):
-    """K models of one flat architecture trained as one; outputs are (K, N, classes)."""
+    """K models of one flat architecture trained as one; outputs are (K, N, classes).
 
-    def __init__(self, members: Sequence[nn.Sequential]) -> None:
+    The input is one batch shared by every member (N, C, H, W), or with ``member_inputs`` each
+    member's own (N, K*C, H, W), member k's channels [k*C, (k+1)*C): the first convolution is then
+    grouped like the later ones, so each member sees only its own images.
+    """
+
+    def __init__(self, members: Sequence[nn.Sequential], *, member_inputs: bool = False) -> None:
         super().__init__()
         if not members:
             raise ValueError("PackedNet needs at least one member, but got none.")
-        problem = packing_problem(members[0])
+        problem = packing_problem(members[0], member_inputs=member_inputs)
         if problem:
             raise ValueError(f"cannot pack this model: {problem}.")
         self.k = len(members)
+        self.member_inputs = member_inputs
         names = [name for name, _ in members[0].named_children()]
         for other in members[1:]:
             if [name for name, _ in other.named_children()] != names:
@@ -260,7 +269,7 @@ class PackedNet(nn.Module):
         first = group[0]
         after, _ = _next_layout(layout, first)
         if isinstance(first, nn.Conv2d):
-            return PackedConv2d(group, shared_input=layout == _IMAGE), after
+            return PackedConv2d(group, shared_input=layout == _IMAGE and not self.member_inputs), after
         if isinstance(first, nn.BatchNorm2d):
             bn = nn.BatchNorm2d(self.k * first.num_features, eps=first.eps, momentum=first.momentum,
                                 affine=first.affine)

@@ -323,6 +323,7 @@ def export_user_model(record: ExportRecord, class_name: str) -> "tuple[str, nn.M
         f"validation accuracy {100 * record.val_accuracy:.2f}%.",
         f"Data {ascii(record.data_name)}: {shape.n_classes} classes, {shape.channels}x{shape.image_size}x"
         f"{shape.image_size} images; seed {record.seed}.",
+        f"Trained with {record.config.train.describe()}.",
         f"Dropout: {describe_placement(record.placement, record.variants)}.",
     ]
     source = export_custom_source(
@@ -422,8 +423,8 @@ def _module_source(record: ExportRecord, class_name: str, init_lines: list[str],
         f"# {class_name}: the network of autodrop study {ascii(record.study_name)}, trial {record.number}.",
         f"# Validation accuracy {100 * record.val_accuracy:.2f}%{train}.",
         f"# Data {ascii(record.data_name)}: {shape.n_classes} classes, {shape.channels}x{shape.image_size}x"
-        f"{shape.image_size} images; seed {record.seed}; {record.config.train.epochs} epochs, "
-        f"batch {record.config.train.batch_size}, Adam lr {_num(record.config.train.lr)}.",
+        f"{shape.image_size} images; seed {record.seed}.",
+        f"# Trained with {record.config.train.describe()}.",
         f"# Dropout: {describe_placement(record.placement, record.variants)}.",
         f"# Written by autodrop {__version__}; needs only PyTorch.",
         "#",

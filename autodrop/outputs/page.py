@@ -119,6 +119,7 @@ def render_html(result: SearchResult, *, network_model: str | None = None) -> st
         f"model {settings.get('model', '?')} · data {data.get('name', '?')} "
         f"({data.get('n_train', '?')} train / {data.get('n_val', '?')} val images) · "
         f"{result.n_complete} complete, {result.n_pruned} pruned, {result.n_failed} failed trials"
+        + (f" · trained with {result.recipe}" if result.recipe else "")
     )
     best = result.best
     headline = (

@@ -67,6 +67,7 @@ class SearchResult:
     n_searched_complete: int = 0  # completed trials the sampler chose (not baselines)
     trials: list[TrialSummary] = field(repr=False, default_factory=list)
     confirmation: dict[str, Any] | None = None  # written by autodrop confirm, as stored
+    recipe: str = ""  # how every trial trained, in words (TrainConfig.describe); the answer holds for it
 
     @property
     def best_placement(self) -> dict[str, float | None] | None:
@@ -120,6 +121,7 @@ def summarize_study(study: optuna.Study, storage_url: str) -> SearchResult:
         importance_intervals=intervals,
         effect_measurable=measurable,
         n_searched_complete=n_searched,
+        recipe=record.config.train.describe(),
     )
 
 

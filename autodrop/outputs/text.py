@@ -19,6 +19,8 @@ def format_result(result: SearchResult) -> str:
         f"{result.n_failed} failed trials; model {settings.get('model', '?')}, data {data.get('name', '?')} "
         f"({data.get('n_train', '?')} train / {data.get('n_val', '?')} val images)."
     )
+    if result.recipe:
+        lines.append(f"Trained with {result.recipe}: the answer holds for this recipe.")
     lines.append("")
     best = result.best
     if best is not None:

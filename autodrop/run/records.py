@@ -79,7 +79,11 @@ def slot_param(site: str) -> str:
 TRIAL_SETTINGS = (
     "data", "image-size", "channels", "val-fraction", "train-per-class",
     "model", "model-args", "epochs", "batch-size", "lr", "rate-range", "kinds", "slots", "schedule", "seed",
+    "optimizer", "weight-decay", "lr-schedule", "label-smoothing", "augment",
 )
+# Settings added after studies were first stored, and the value every study made before them used.
+LATER_SETTINGS = {"optimizer": "adam", "weight-decay": 0.0, "lr-schedule": "constant", "label-smoothing": 0.0,
+                  "augment": []}
 METRIC_NAME = "val_accuracy"
 SITE_KINDS = ("conv", "fc")
 # Built-in site names are identifiers; discovered ones add ":", "#", "@" and "." ("after:conv21#2").
@@ -235,7 +239,7 @@ def stored_settings(study: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(stored, dict):
         raise StorageError(f"study {study.study_name!r} holds settings autodrop does not write ({SETTINGS_KEY}).")
-    return {option_name(key): value for key, value in stored.items()}
+    return {**LATER_SETTINGS, **{option_name(key): value for key, value in stored.items()}}
 
 
 def read_study(study: Any) -> StudyRecord:

@@ -82,7 +82,7 @@ def prepare_study(config: SearchConfig) -> PreparedStudy:
     for name in sorted(set(config.worker_devices())):
         _check_device(resolve_device(name))
     data = load_data(config.data)
-    model = inspect_model(config.model, data.shape, config.model_args)
+    model = inspect_model(config.model, data.shape, config.model_args, member_inputs=bool(config.train.augment))
     if config.pack is not None and config.pack > 1 and model.packing_problem is not None:
         raise ConfigError(
             f"--pack {config.pack}: this model's trials cannot be packed ({model.packing_problem}); use --pack 1."

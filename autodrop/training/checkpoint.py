@@ -20,7 +20,8 @@ from autodrop.errors import AutodropWarning
 from autodrop.training.loop import EpochMetrics, TrainingState
 
 # 2: records its owner (study, trial, placement, seed, epochs), which a resume must match.
-FORMAT_VERSION = 2
+# 3: records the optimiser step (the learning-rate schedule) and the augmentations' generator.
+FORMAT_VERSION = 3
 
 
 def save_checkpoint(path: Path, state: TrainingState, owner: Mapping[str, Any]) -> None:
@@ -38,6 +39,8 @@ def save_checkpoint(path: Path, state: TrainingState, owner: Mapping[str, Any]) 
         "batch_rng": state.batch_rng,
         "dropout_rng": state.dropout_rng,
         "cuda_rng": state.cuda_rng,
+        "step": state.step,
+        "augment_rng": state.augment_rng,
     }
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     for attempt in (1, 2):
@@ -85,6 +88,8 @@ def load_checkpoint(path: Path, device: torch.device, owner: Mapping[str, Any], 
             batch_rng=payload["batch_rng"].cpu(),
             dropout_rng=payload["dropout_rng"].cpu(),
             cuda_rng=None if payload["cuda_rng"] is None else payload["cuda_rng"].cpu(),
+            step=int(payload["step"]),
+            augment_rng=None if payload["augment_rng"] is None else payload["augment_rng"].cpu(),
         )
     except Exception as e:  # a truncated, foreign or stale file: starting over is always safe
         warnings.warn(

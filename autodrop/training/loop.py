@@ -19,10 +19,16 @@ from torch.nn import functional as F
 
 from autodrop.config import TrainConfig
 from autodrop.nets.sites import iter_sites
+from autodrop.training.augment import BatchAugment
 from autodrop.training.data import ImageData
-from autodrop.training.device import autocast_for, eval_chunk_size, prepare_device, use_channels_last
+from autodrop.training.device import (
+    autocast_for,
+    eval_chunk_size,
+    prepare_device,
+    use_channels_last,
+)
 from autodrop.training.normaliser import Normaliser
-from autodrop.training.optim import make_optimizer
+from autodrop.training.optim import lr_factor, make_optimizer
 from autodrop.training.plan import forward_plan
 
 
@@ -74,6 +80,15 @@ class TrainingState:
     batch_rng: torch.Tensor  # state of the generator that orders batches
     dropout_rng: torch.Tensor  # state of torch's global CPU generator (dropout masks on CPU)
     cuda_rng: torch.Tensor | None = None  # state of the device's generator (dropout masks on CUDA)
+    step: int = 0  # optimiser steps taken: where the learning-rate schedule goes on from
+    augment_rng: torch.Tensor | None = None  # state of the generator of the augmentations
+
+
+def batches_per_epoch(n_train: int, batch_size: int) -> int:
+    """Return how many batches (optimiser steps) :func:`batch_indices` yields per epoch."""
+    size = min(batch_size, n_train)
+    full, rest = divmod(n_train, size)
+    return full + (1 if rest >= 2 else 0)
 
 
 def batch_indices(n_train: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
@@ -110,10 +125,13 @@ class TrialTrainer:
         model.to(device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.optimizer = make_optimizer(model.parameters(), config.lr)
+        self.optimizer = make_optimizer(model.parameters(), config)
+        self.augment = BatchAugment(config.augment, data.image_size, seed)
         self.autocast = autocast_for(device)
         self.forward = forward_plan(model, training=True)
         self.dropout_epochs = dropout_epochs(config)
+        self.total_steps = config.epochs * batches_per_epoch(len(data.train_labels), config.batch_size)
+        self.step = 0  # optimiser steps taken
         self.epoch = 0  # epochs finished
         self.last: EpochMetrics | None = None
         if resume is not None:
@@ -123,6 +141,9 @@ class TrialTrainer:
             torch.set_rng_state(resume.dropout_rng)
             if resume.cuda_rng is not None and device.type == "cuda":
                 torch.cuda.set_rng_state(resume.cuda_rng, device)
+            if resume.augment_rng is not None:
+                self.augment.load_state(resume.augment_rng)
+            self.step = resume.step
             self.epoch, self.last = resume.metrics.epoch, resume.metrics
         self.first_epoch = self.epoch + 1
 
@@ -137,15 +158,20 @@ class TrialTrainer:
         model.train()
         loss_sum = torch.zeros((), device=self.device)
         n_batches = 0
-        for index in batch_indices(len(data.train_labels), self.config.batch_size, self.batch_generator, self.device):
-            x = self.normaliser(data.train_images[index], self.channels_last)
+        config = self.config
+        for index in batch_indices(len(data.train_labels), config.batch_size, self.batch_generator, self.device):
+            images = data.train_images[index]
+            x = self.normaliser(self.augment(images) if self.augment else images, self.channels_last)
             with self.autocast:
                 # cross_entropy applies log_softmax; on a model that already outputs
                 # log-probabilities that is a no-op, so both kinds of output train correctly.
-                loss = F.cross_entropy(self.forward(x), data.train_labels[index])
+                loss = F.cross_entropy(self.forward(x), data.train_labels[index],
+                                       label_smoothing=config.label_smoothing)
             self.optimizer.zero_grad()
             loss.backward()
+            self.optimizer.lr = config.learning_rate * lr_factor(config.lr_schedule, self.step, self.total_steps)
             self.optimizer.step()
+            self.step += 1
             loss_sum += loss.detach()
             n_batches += 1
         train_loss = float(loss_sum) / max(n_batches, 1)
@@ -164,6 +190,7 @@ class TrialTrainer:
         return TrainingState(
             self.last, self.model.state_dict(), self.optimizer.state_dict(), self.batch_generator.get_state(),
             torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            step=self.step, augment_rng=self.augment.state() if self.augment else None,
         )
 
     def finish(self) -> TrialMetrics:

@@ -1,7 +1,8 @@
 """Several trials trained at once as one packed network (autodrop/nets/packed.py), epoch by epoch.
 
 Every member sees the same batches in the same order; each keeps its own weights, batch-norm
-statistics, Adam moments and step, dropout placement, kind and slot. Between epochs members leave
+statistics, optimiser state and step (so its own place on the learning-rate schedule), dropout
+placement, kind and slot, and its own augmentation draws. Between epochs members leave
 (finished or pruned) and new trials join, in a freed slot or by repacking.
 """
 
@@ -16,19 +17,26 @@ from torch.nn import functional as F
 
 from autodrop.config import TrainConfig
 from autodrop.nets.packed import PackedNet
+from autodrop.training.augment import BatchAugment
 from autodrop.training.data import ImageData
-from autodrop.training.device import autocast_for, eval_chunk_size, prepare_device, use_channels_last
+from autodrop.training.device import (
+    autocast_for,
+    eval_chunk_size,
+    prepare_device,
+    use_channels_last,
+)
 from autodrop.training.loop import (
     EpochMetrics,
     Member,
     MemberTrainer,
     TrialMetrics,
     batch_indices,
+    batches_per_epoch,
     dropout_epochs,
     evaluate,
 )
 from autodrop.training.normaliser import Normaliser
-from autodrop.training.optim import PackedAdam
+from autodrop.training.optim import PackedOptimizer, lr_factor
 from autodrop.training.plan import forward_plan
 
 # A GPU's default pack: enough members to fill a large GPU with these small networks, few enough
@@ -41,6 +49,7 @@ class _Slot:
     """One member of a pack: which trial it trains and how far it got."""
 
     tag: Any  # the caller's handle (an Optuna trial's number)
+    augment: BatchAugment  # the member's own augmentation draws (from its seed)
     epoch: int = 0
 
 
@@ -50,8 +59,9 @@ class PackTrainer(MemberTrainer):
     Every member sees the same batches in the same order (one permutation per pack epoch, from
     ``seed``). Between epochs, :meth:`update` takes finished or pruned members out and new trials
     in: a new trial takes a freed slot (its epoch 1 is the pack's next epoch), and the pack grows or
-    shrinks (a repack, which keeps every member's weights, Adam state and step) when the counts differ.
-    With ``config.schedule == "early"``, each member's dropout goes off after its own first half.
+    shrinks (a repack, which keeps every member's weights, optimiser state and step) when the counts
+    differ. With ``config.schedule == "early"``, each member's dropout goes off after its own first
+    half. With augmentation, each member augments the shared batch with its own draws.
     """
 
     packed = True
@@ -66,9 +76,10 @@ class PackTrainer(MemberTrainer):
         self.batch_generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout masks come from the global generator
         self.dropout_epochs = dropout_epochs(config)
+        self.total_steps = config.epochs * batches_per_epoch(len(data.train_labels), config.batch_size)
         self.slots: list[_Slot] = []
         self.net: PackedNet | None = None
-        self.optimizer: PackedAdam | None = None
+        self.optimizer: PackedOptimizer | None = None
 
     @property
     def tags(self) -> list[Any]:
@@ -83,29 +94,32 @@ class PackTrainer(MemberTrainer):
                 return i
         raise KeyError(tag)
 
+    def _slot(self, member: Member) -> _Slot:
+        if member.resume is not None:
+            raise ValueError("packed members keep no checkpoints, so they cannot resume one.")
+        return _Slot(member.tag, BatchAugment(self.config.augment, self.data.image_size, member.seed))
+
     def set_members(self, members: Sequence[Member]) -> None:
         """Start a pack from scratch with these members; each model's drop sites already hold its
         placement (autodrop.nets.sites.apply_placement). Members start at their first epoch."""
-        if any(member.resume is not None for member in members):
-            raise ValueError("packed members keep no checkpoints, so they cannot resume one.")
-        self.slots = [_Slot(member.tag) for member in members]
+        self.slots = [self._slot(member) for member in members]
         if not members:
             self.net = self.optimizer = None
             return
-        self.net = PackedNet([member.model for member in members]).to(self.device)
-        self.optimizer = PackedAdam(list(self.net.parameters()), len(members), lr=self.config.lr)
+        self.net = PackedNet([member.model for member in members],
+                             member_inputs=bool(self.config.augment)).to(self.device)
+        self.optimizer = PackedOptimizer(list(self.net.parameters()), len(members), self.config)
 
     def update(self, done: Sequence[Any], new: Sequence[Member]) -> None:
         """Take the ``done`` trials out and the ``new`` members in."""
         gone = [self._index(tag) for tag in done]
         if self.net is not None and len(gone) == len(new):  # new trials take the freed slots in place
             for i, member in zip(gone, new):
-                if member.resume is not None:
-                    raise ValueError("packed members keep no checkpoints, so they cannot resume one.")
+                slot = self._slot(member)
                 self.net.load_member(i, member.model)
                 self.net.copy_sites_from(i, member.model)
                 self.optimizer.reset_member(i)
-                self.slots[i] = _Slot(member.tag)
+                self.slots[i] = slot
             return
         self._repack([i for i in range(len(self.slots)) if i not in gone], list(new))
 
@@ -122,12 +136,12 @@ class PackTrainer(MemberTrainer):
             self.slots[new_i] = old_slots[old_i]
         if not keep:
             return
-        # Carry each kept member's Adam moments and step over to its new slot; the new ones start at 0.
+        # Carry each kept member's optimiser state and step over to its new slot; new ones start at 0.
         k = len(self.slots)
         index = torch.tensor(keep, device=self.device)
-        for new_state, old_state in zip((*self.optimizer.exp_avg, *self.optimizer.exp_avg_sq),
-                                        (*old_opt.exp_avg, *old_opt.exp_avg_sq)):
-            new_state.view(k, -1)[: len(keep)].copy_(old_state.view(old_opt.k, -1).index_select(0, index))
+        for new_tensors, old_tensors in zip(self.optimizer.state, old_opt.state):
+            for new_state, old_state in zip(new_tensors, old_tensors):
+                new_state.view(k, -1)[: len(keep)].copy_(old_state.view(old_opt.k, -1).index_select(0, index))
         old_steps = old_opt.steps
         for new_i, old_i in enumerate(keep):
             self.optimizer.set_step(new_i, old_steps[old_i])
@@ -135,7 +149,7 @@ class PackTrainer(MemberTrainer):
     def train_epoch(self) -> list[float]:
         """Train every member one epoch on shared batches; return each member's mean training loss."""
         assert self.net is not None and self.optimizer is not None
-        net, data, k = self.net, self.data, len(self.slots)
+        net, data, config, k = self.net, self.data, self.config, len(self.slots)
         for i, slot in enumerate(self.slots):
             if slot.epoch >= self.dropout_epochs:  # "early dropout": off after the member's first half
                 net.silence(i)
@@ -144,16 +158,23 @@ class PackTrainer(MemberTrainer):
         n_batches = 0
         autocast = autocast_for(self.device)
         forward = forward_plan(net.layers, training=True)
-        for index in batch_indices(len(data.train_labels), self.config.batch_size, self.batch_generator, self.device):
-            x = self.normaliser(data.train_images[index], self.channels_last)
+        for index in batch_indices(len(data.train_labels), config.batch_size, self.batch_generator, self.device):
+            images = data.train_images[index]
+            if config.augment:  # each member its own draws, side by side in the channels
+                x = torch.cat([self.normaliser(slot.augment(images), self.channels_last) for slot in self.slots], 1)
+            else:
+                x = self.normaliser(images, self.channels_last)
             y = data.train_labels[index]
             with autocast:
                 out = forward(x)
-            losses = F.cross_entropy(out.float().reshape(k * len(y), -1), y.repeat(k), reduction="none")
+            losses = F.cross_entropy(out.float().reshape(k * len(y), -1), y.repeat(k), reduction="none",
+                                     label_smoothing=config.label_smoothing)
             member_losses = losses.view(k, -1).mean(dim=1)
             # The sum of the members' mean losses: each member's gradient is its own loss's.
             self.optimizer.zero_grad()
             member_losses.sum().backward()
+            for i, step in enumerate(self.optimizer.steps):
+                self.optimizer.set_lr(i, config.learning_rate * lr_factor(config.lr_schedule, step, self.total_steps))
             self.optimizer.step()
             loss_sums += member_losses.detach()
             n_batches += 1
@@ -186,6 +207,8 @@ class PackTrainer(MemberTrainer):
             forward = forward_plan(net.layers, training=False)
             for start in range(0, len(labels), chunk):
                 x = self.normaliser(images[start : start + chunk], self.channels_last)
+                if net.member_inputs:  # every member sees the same (unaugmented) images
+                    x = x.repeat(1, k, 1, 1)
                 y = labels[start : start + chunk]
                 logits = forward(x).float()  # (K, n, classes)
                 losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(k), reduction="none")
@@ -201,7 +224,6 @@ class PackTrainer(MemberTrainer):
             EpochMetrics(slot.epoch, loss, val_loss, val_acc)
             for slot, loss, (val_loss, val_acc) in zip(self.slots, train_losses, val)
         ]
-
 
     def run_epoch(self) -> list[EpochMetrics]:
         return self.epoch_metrics(self.train_epoch())

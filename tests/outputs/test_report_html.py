@@ -37,6 +37,8 @@ def test_report_page_has_every_part(page):
         assert f'id="{part}"' in text, part
     assert text.count("Plotly.newPlot") == 5  # baselines, importance, history, curves, parallel
     assert "Where should dropout go? Study" in text
+    # The recipe the answer holds for (the tiny study trains with the defaults).
+    assert "trained with Adam 0.002, constant rate, no weight decay, no augmentation, batch 64, 2 epochs" in text
 
 
 def test_report_page_embeds_plotly_once_and_needs_no_network(page):

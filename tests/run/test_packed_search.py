@@ -192,3 +192,14 @@ def test_workers_share_a_gpus_automatic_pack_and_an_unpackable_model_is_not_pack
     assert worker_pack_sizes(SearchConfig(trials=100), [torch.device("cpu")] * 2, "a reason") == [1, 1]
     with pytest.warns(AutodropWarning, match="cannot be packed \\(a reason\\)"):
         assert worker_pack_sizes(SearchConfig(trials=100), one_gpu, "a reason") == [1, 1]
+
+
+def test_packed_search_with_the_full_recipe_trains_every_member_as_a_trial(tmp_path):
+    options = tiny_options(tmp_path, trials=4, epochs=2, pack=2, optimizer="sgd", augment="flip,crop,cutout",
+                           weight_decay=5e-4, lr_schedule="cosine", label_smoothing=0.1)
+    result = autodrop.search(**options)
+    trials = _trials(options)
+    assert result.n_finished == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert all(sorted(t.intermediate_values) == [1, 2] for t in trials)
+    assert "flip+crop+cutout" in result.recipe and "SGD" in result.recipe
+    assert max(t.value for t in trials) > 0.3  # ten classes, two short epochs of a strong recipe: learning

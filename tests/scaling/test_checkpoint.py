@@ -40,12 +40,22 @@ def _model(data: ImageData) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize(("schedule", "dies_after"), [("whole", 1), ("early", 3)])
+FULL_RECIPE = {"augment": ("flip", "crop", "cutout"), "weight_decay": 5e-4, "lr_schedule": "cosine",
+               "label_smoothing": 0.1}
+
+
+@pytest.mark.parametrize(("schedule", "dies_after", "recipe"), [
+    ("whole", 1, {}),
+    ("early", 3, {}),
+    # Every option of the recipe on: the schedule's step and the augmentation draws resume too.
+    ("whole", 2, {**FULL_RECIPE, "optimizer": "adam"}),
+    ("early", 1, {**FULL_RECIPE, "optimizer": "sgd", "lr_schedule": "onecycle"}),
+])
 def test_resumed_training_matches_uninterrupted_training(data: ImageData, tmp_path: Path, schedule: str,
-                                                         dies_after: int) -> None:
+                                                         dies_after: int, recipe: dict) -> None:
     torch.set_num_threads(1)
     # With the early schedule, dropout is off from epoch 3: a trial resumed at epoch 4 must not turn it on again.
-    config = TrainConfig(epochs=4, batch_size=16, lr=2e-3, device="cpu", schedule=schedule)
+    config = TrainConfig(epochs=4, batch_size=16, device="cpu", schedule=schedule, **recipe)
     normaliser = Normaliser(data.train_images)
 
     straight = _model(data)

@@ -14,7 +14,7 @@ from autodrop.nets.sites import apply_placement
 from autodrop.training.data import load_data
 from autodrop.training.loop import evaluate, train_trial
 from autodrop.training.normaliser import Normaliser
-from autodrop.training.optim import make_optimizer
+from autodrop.training.optim import Adam
 from autodrop.training.plan import FoldedConv, forward_plan
 
 
@@ -109,7 +109,7 @@ def test_adam_matches_torch_optim_adam(fused: bool) -> None:
     ours = [torch.randn(s).requires_grad_() for s in shapes]
     ours[0] = ours[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     theirs = [p.detach().clone().requires_grad_() for p in ours]
-    optimizer = make_optimizer(ours, 1e-2)
+    optimizer = Adam(ours, lr=1e-2)
     optimizer.fused = fused and optimizer.fused
     reference = torch.optim.Adam(theirs, lr=1e-2, foreach=False)
     for _ in range(5):

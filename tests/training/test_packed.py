@@ -16,7 +16,7 @@ from autodrop.nets.sites import DropSite, apply_placement, iter_sites
 from autodrop.training.data import load_data
 from autodrop.training.loop import Member
 from autodrop.training.normaliser import Normaliser
-from autodrop.training.optim import PackedAdam
+from autodrop.training.optim import PackedOptimizer
 from autodrop.training.packed import PackTrainer
 
 
@@ -80,7 +80,7 @@ def test_packed_adam_gives_each_member_the_update_of_its_own_adam() -> None:
     torch.manual_seed(0)
     k, shapes = 3, [(3 * 8, 4, 3, 3), (3 * 8,), (3, 5, 7)]
     packed = [torch.randn(s).requires_grad_() for s in shapes]
-    optimizer = PackedAdam(packed, k, lr=1e-2)
+    optimizer = PackedOptimizer(packed, k, TrainConfig(lr=1e-2))
     # Member m of each packed tensor, as a separate tensor with its own torch Adam.
     separate = [[p.detach().view(k, -1)[m].clone().requires_grad_() for p in packed] for m in range(k)]
     references = [torch.optim.Adam(params, lr=1e-2, foreach=False) for params in separate]
@@ -92,8 +92,8 @@ def test_packed_adam_gives_each_member_the_update_of_its_own_adam() -> None:
     for i, p in enumerate(separate[1]):
         state = references[1].state[p]
         packed[i].data.view(k, -1)[1] = p.detach()
-        optimizer.exp_avg[i].view(k, -1)[1] = state["exp_avg"]
-        optimizer.exp_avg_sq[i].view(k, -1)[1] = state["exp_avg_sq"]
+        optimizer.state[0][i].view(k, -1)[1] = state["exp_avg"]
+        optimizer.state[1][i].view(k, -1)[1] = state["exp_avg_sq"]
     optimizer.set_step(1, 3)
     for _ in range(4):
         grads = [torch.randn(s) for s in shapes]
@@ -179,7 +179,7 @@ def test_replaced_slot_starts_fresh_and_repack_keeps_the_others() -> None:
             torch.testing.assert_close(fresh[key], value)
     before = trainer.net.member_state_dict(2)
     steps_before = trainer.optimizer.steps[2]
-    moments_before = [m.view(3, -1)[2].clone() for m in trainer.optimizer.exp_avg]
+    moments_before = [m.view(3, -1)[2].clone() for m in trainer.optimizer.state[0]]
     trainer.update(["t0"], [])  # shrinks: a repack that keeps the others' state
     assert len(trainer) == 2 and trainer.tags == ["t3", "t2"] and trainer.net.k == 2
     after = trainer.net.member_state_dict(1)
@@ -187,7 +187,7 @@ def test_replaced_slot_starts_fresh_and_repack_keeps_the_others() -> None:
         if "num_batches_tracked" not in key:
             torch.testing.assert_close(after[key], value)
     assert trainer.optimizer.steps == [0, steps_before]
-    for old, new in zip(moments_before, trainer.optimizer.exp_avg):
+    for old, new in zip(moments_before, trainer.optimizer.state[0]):
         torch.testing.assert_close(new.view(2, -1)[1], old)
     assert trainer.net.placement(1)["fc1"] == pytest.approx(0.2)
     assert trainer.net.placement(0)["conv2"] == pytest.approx(0.4)
