@@ -18,6 +18,7 @@ from autodrop.config import (
     AUGMENTATIONS,
     DEFAULT_LR,
     DEVICES,
+    IN_BLOCK,
     LR_SCHEDULES,
     OPTIMIZERS,
     PRUNERS,
@@ -46,6 +47,8 @@ _TRUSTED_MODEL_HELP = ("The study's own model (FILE.py:Name, package.module:Name
                        "autodrop imports no code a study names. Not needed for a built-in model.")
 _TRUSTED_DATA_HELP = ("The folder of images the study was searched on, named again (it must hold the same images): "
                       "autodrop reads no folder a study names. Not needed for the built-in digits.")
+_IN_BLOCK_HELP = ("Sites inside a block class the model repeats (ResNet's BasicBlock), before each inner "
+                  "convolution: one decision for all blocks of a stage, one per block, or none.")
 _MODEL_ARG_HELP = "An argument for your model's constructor, e.g. --model-arg width=16 (repeatable)."
 
 
@@ -100,7 +103,11 @@ def main() -> None:
 @click.option("--rate-range", type=(float, float), default=_DEFAULTS.rate_range, show_default=True,
               help="Lowest and highest dropout rate searched.")
 @click.option("--kinds", default=",".join(_DEFAULTS.kinds), show_default=True,
-              help="Dropout kinds searched at conv sites (comma-separated); 'element' alone switches this off.")
+              help="Dropout kinds searched at conv sites (comma-separated): element, channel (whole maps), branch "
+                   "(a residual block's whole branch per image, at sites after a residual sum); 'element' alone "
+                   "switches this off.")
+@click.option("--in-block", type=click.Choice(IN_BLOCK), default=_DEFAULTS.in_block, show_default=True,
+              help=_IN_BLOCK_HELP)
 @click.option("--slots", "--orders", "slots", default=",".join(_DEFAULTS.slots), show_default=True,
               help="Slots searched for conv sites with batch norm; 'after-act' alone switches this off "
                    "(--orders is its earlier name).")
@@ -309,10 +316,13 @@ def confirm(study_name: str | None, storage: str | None, seeds: int | None, max_
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Gray (1) or colour (3).  [default: 3]")
 @click.option("--classes", type=click.IntRange(2, 100_000), default=10, show_default=True,
               help="Number of classes the model is built for.")
+@click.option("--in-block", type=click.Choice(IN_BLOCK), default=None,
+              help=_IN_BLOCK_HELP + f"  [default: {_DEFAULTS.in_block}]")
 def sites(spec: str | None, model: str | None, model_arg: tuple[str, ...], image_size: int | None,
-          channels: str | None, classes: int) -> None:
+          channels: str | None, classes: int, in_block: str | None) -> None:
     """List the candidate drop sites autodrop finds in a model, without training anything."""
-    given = {key: value for key, value in (("model", model), ("image-size", image_size), ("channels", channels))
+    given = {key: value for key, value in (("model", model), ("image-size", image_size), ("channels", channels),
+                                           ("in-block", in_block))
              if value is not None}
     try:
         config = config_from_sources(spec, given, model_arg)

@@ -25,9 +25,15 @@ else:  # pragma: no cover - exercised only on Python 3.10
 PRUNERS = ("noise", "median", "hyperband", "none")
 # Grouped multivariate TPE (models rates that exist only when their site is on), or random search.
 SAMPLERS = ("tpe", "random")
-# What dropout zeroes at a conv site: single activations (nn.Dropout) or whole feature maps
-# (nn.Dropout2d).
-DROPOUT_KINDS = ("element", "channel")
+# What dropout zeroes at a conv site: single activations (nn.Dropout), whole feature maps
+# (nn.Dropout2d), or, at a site that follows a residual sum, the block's whole residual branch for
+# some images of the batch (stochastic depth, timm's drop_path).
+DROPOUT_KINDS = ("element", "channel", "branch")
+BRANCH = "branch"
+# Sites inside a block class the network repeats (ResNet's BasicBlock), between its convolutions:
+# one decision for all the blocks of a stage, one per block call, or none.
+IN_BLOCK = ("per-stage", "per-call", "off")
+IN_BLOCK_PREFIX = "in:"  # the names of sites inside repeated blocks: in:STAGE:CONV
 # The slot a conv site takes in its block: after the activation (and pooling), or between the conv
 # and its batch norm, where dropout shifts the variance that batch norm sees. The first is the default.
 SLOTS = ("after-act", "before-bn")
@@ -101,7 +107,8 @@ class SearchConfig:
     model_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments for a user model
     trials: int = 20  # finished trials the study ends with, baselines included
     rate_range: tuple[float, float] = (0.05, 0.7)  # lowest and highest dropout rate searched
-    kinds: tuple[str, ...] = DROPOUT_KINDS  # dropout kinds searched at conv sites
+    kinds: tuple[str, ...] = DROPOUT_KINDS  # dropout kinds searched at conv sites (branch: after residual sums)
+    in_block: str = "per-stage"  # sites inside repeated blocks: one decision per stage, per call, or none
     slots: tuple[str, ...] = SLOTS  # slots searched for conv sites that have a batch norm
     pruner: str = "noise"  # noise (prunes only trials clearly behind, late), median, hyperband or none
     sampler: str = "tpe"  # tpe or random
@@ -209,6 +216,8 @@ def validate(config: SearchConfig) -> SearchConfig:
             len(values) >= 1 and all(v in allowed for v in values) and len(set(values)) == len(values),
             f"{option} must be a comma-separated list of {', '.join(allowed)}, but got {','.join(values)!r}.",
         )
+    _check(config.in_block in IN_BLOCK,
+           f"--in-block must be one of {', '.join(IN_BLOCK)}, but got {config.in_block!r}.")
     _check(config.trials >= 1, f"--trials must be at least 1, but got {config.trials}.")
     # Optuna's samplers take the seed as numpy's, an unsigned 32-bit number.
     _check(0 <= config.seed < 2**32, f"--seed must be between 0 and {2**32 - 1}, but got {config.seed}.")
@@ -263,7 +272,7 @@ _TRAIN_KEYS = {"epochs": "epochs", "batch-size": "batch_size", "lr": "lr", "devi
                "schedule": "schedule", "optimizer": "optimizer", "weight-decay": "weight_decay",
                "lr-schedule": "lr_schedule", "label-smoothing": "label_smoothing", "augment": "augment"}
 _SEARCH_KEYS = {"model": "model", "model-args": "model_args", "trials": "trials", "rate-range": "rate_range", "kinds": "kinds",
-                "slots": "slots", "pruner": "pruner", "sampler": "sampler", "seed": "seed", "study": "study", "storage": "storage",
+                "slots": "slots", "in-block": "in_block", "pruner": "pruner", "sampler": "sampler", "seed": "seed", "study": "study", "storage": "storage",
                 "timeout": "timeout",
                 "artifact-dir": "artifact_dir",
                 "workers": "workers", "devices": "devices", "checkpoint-dir": "checkpoint_dir", "pack": "pack"}

@@ -80,7 +80,7 @@ def test_bad_input_is_one_line_with_exit_code_2_and_writes_nothing(tmp_path, arg
 
 @pytest.mark.parametrize(
     "line,message",
-    [("kinds = 5", "--kinds must be a comma-separated list of element, channel, but got 5."),
+    [("kinds = 5", "--kinds must be a comma-separated list of element, channel, branch, but got 5."),
      ("orders = true", "--slots must be a comma-separated list of after-act, before-bn, but got True."),
      ("slots = true", "--slots must be a comma-separated list of after-act, before-bn, but got True."),
      ("seed = -3", "--seed must be between 0 and 4294967295, but got -3.")],

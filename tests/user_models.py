@@ -113,3 +113,61 @@ class LogProbNet(nn.Module):
         x = F.max_pool2d(F.relu(self.conv(x)), 2)
         x = self.fc(torch.flatten(x, 1))
         return F.log_softmax(x, dim=1) if self.log_probs else x
+
+
+class WideBasic(nn.Module):
+    """The wide-ResNet block as the paper's code writes it: bn, relu, conv, bn, relu, (dropout), conv,
+    a 1x1 shortcut where the width changes."""
+
+    def __init__(self, in_planes, out_planes, stride, drop_rate=0.0):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, padding=1, bias=False)
+        self.drop_rate = drop_rate
+        self.equal = in_planes == out_planes and stride == 1
+        self.shortcut = None if self.equal else nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        y = self.conv1(out)
+        y = F.relu(self.bn2(y))
+        if self.drop_rate > 0:
+            y = F.dropout(y, p=self.drop_rate, training=self.training)
+        y = self.conv2(y)
+        return y + (x if self.equal else self.shortcut(out))
+
+
+class NetworkBlock(nn.Module):
+    """A stage: ``n`` WideBasic blocks, the first one changing width and stride."""
+
+    def __init__(self, n, in_planes, out_planes, stride, drop_rate=0.0):
+        super().__init__()
+        self.layer = nn.Sequential(*[
+            WideBasic(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate)
+            for i in range(n)
+        ])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-widen as in Zagoruyko and Komodakis's code, small by default (WRN-10-1)."""
+
+    def __init__(self, num_classes=10, in_channels=1, depth=10, widen=1, drop_rate=0.0):
+        super().__init__()
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        self.block1 = NetworkBlock(n, widths[0], widths[1], 1, drop_rate)
+        self.block2 = NetworkBlock(n, widths[1], widths[2], 2, drop_rate)
+        self.block3 = NetworkBlock(n, widths[2], widths[3], 2, drop_rate)
+        self.bn = nn.BatchNorm2d(widths[3])
+        self.fc = nn.Linear(widths[3], num_classes)
+
+    def forward(self, x):
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        out = F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1)
+        return self.fc(torch.flatten(out, 1))

@@ -21,7 +21,16 @@ from autodrop.nets.builtin import get_builtin
 from autodrop.nets.discovery import Discovery, SiteInfo, discovery_of, insert_sites
 from autodrop.nets.packed import packing_problem
 from autodrop.nets.shape import ModelShape
-from autodrop.nets.sites import DropSite, iter_sites, site_kinds, site_slots
+from autodrop.nets.sites import (
+    BRANCH,
+    IN_BLOCK_PREFIX,
+    BranchDrop,
+    DropSite,
+    branch_sites,
+    iter_sites,
+    site_kinds,
+    site_slots,
+)
 from autodrop.nets.user import build_user_model, check_torchvision_name, load_target
 
 
@@ -32,6 +41,8 @@ class ModelSites:
     kinds: dict[str, str]  # site -> "conv" or "fc", in forward order
     slots: dict[str, tuple[str, ...]]  # the slots of sites declared in more than one
     packing_problem: str | None  # why the network's trials cannot be packed, or None if they can
+    branches: frozenset[str] = frozenset()  # sites after a residual sum (their "branch" kind drops the branch)
+    in_block: bool = False  # whether the network has sites inside repeated blocks
 
 
 def check_model(name: str, model_args: Mapping[str, Any] | None = None) -> None:
@@ -40,12 +51,13 @@ def check_model(name: str, model_args: Mapping[str, Any] | None = None) -> None:
     Cheap: a user model's file or module is imported, nothing is built.
     """
     if not is_user_model(name):
-        get_builtin(name)
-        if model_args:
+        entry = get_builtin(name)
+        if model_args and not entry.arguments:
             raise ModelError(
                 f"--model-arg is for your own models (FILE.py:Name, package.module:Name, torchvision:NAME); "
                 f"built-in model {name!r} takes none, but got {', '.join(model_args)}."
             )
+        entry.checked_arguments(name, model_args or {})
         return
     spec = parse_model_spec(name)
     if spec.form == "torchvision":
@@ -54,21 +66,23 @@ def check_model(name: str, model_args: Mapping[str, Any] | None = None) -> None:
         load_target(spec)
 
 
-def build_model(name: str, shape: ModelShape, *, model_args: Mapping[str, Any] | None = None) -> nn.Module:
+def build_model(name: str, shape: ModelShape, *, model_args: Mapping[str, Any] | None = None,
+                in_block: str = "per-stage") -> nn.Module:
     """Return a freshly initialised model ``name`` fitted to ``shape``, all sites off.
 
     ``name`` is a built-in model or a user model spec (``FILE.py:Name``, ``package.module:Name``,
     ``torchvision:NAME``); a user model comes back with DropSites at its discovered sites.
+    ``in_block`` says how sites inside repeated blocks are tied (config.IN_BLOCK).
     """
     if is_user_model(name):
-        return _build_user_network(name, shape, model_args or {})
+        return _build_user_network(name, shape, model_args or {}, in_block)
     check_model(name, model_args)
     entry = get_builtin(name)
     if shape.image_size < entry.min_image_size:
         raise ModelError(
             f"model {name} needs --image-size of at least {entry.min_image_size}, but got {shape.image_size}."
         )
-    return entry.build(shape)
+    return entry.build(shape, in_block=in_block, **entry.checked_arguments(name, model_args or {}))
 
 
 def example_batch(shape: ModelShape) -> torch.Tensor:
@@ -78,10 +92,10 @@ def example_batch(shape: ModelShape) -> torch.Tensor:
 
 
 def inspect_model(name: str, shape: ModelShape, model_args: Mapping[str, Any] | None = None, *,
-                  member_inputs: bool = False) -> ModelSites:
+                  member_inputs: bool = False, in_block: str = "per-stage") -> ModelSites:
     """Build the model once to list its sites and slots, check that it fits the data, and say
     whether its trials can be packed (``member_inputs``: each member with its own augmented images)."""
-    model = build_model(name, shape, model_args=model_args)
+    model = build_model(name, shape, model_args=model_args, in_block=in_block)
     kinds = site_kinds(model)
     if not kinds:
         raise ModelError(f"model {name!r} has no drop sites to search.")
@@ -98,10 +112,11 @@ def inspect_model(name: str, shape: ModelShape, model_args: Mapping[str, Any] | 
             f"model {name!r} gives outputs of shape {tuple(out.shape[1:])} per image, but the data has "
             f"{shape.n_classes} classes."
         )
-    return ModelSites(kinds, site_slots(model), packing_problem(model, member_inputs=member_inputs))
+    return ModelSites(kinds, site_slots(model), packing_problem(model, member_inputs=member_inputs),
+                      frozenset(branch_sites(model)), any(name.startswith(IN_BLOCK_PREFIX) for name in kinds))
 
 
-def _build_user_network(name: str, shape: ModelShape, model_args: Mapping[str, Any]) -> nn.Module:
+def _build_user_network(name: str, shape: ModelShape, model_args: Mapping[str, Any], in_block: str) -> nn.Module:
     spec = parse_model_spec(name)
     built = build_user_model(
         spec, model_args, channels=shape.channels, n_classes=shape.n_classes, image_size=shape.image_size
@@ -109,8 +124,8 @@ def _build_user_network(name: str, shape: ModelShape, model_args: Mapping[str, A
     example = example_batch(shape)
     # The plan found for the first trial's network serves every later one (same code, same call).
     version = Path(spec.source).stat().st_mtime_ns if spec.form == "file" else None
-    cache_key = (spec.text, version, built.call, type(built.module), shape)
-    model = insert_sites(built.module, example, label=spec.label, cache_key=cache_key)
+    cache_key = (spec.text, version, built.call, type(built.module), shape, in_block)
+    model = insert_sites(built.module, example, label=spec.label, cache_key=cache_key, in_block=in_block)
     if cache_key in _CHECKED_OUTPUTS:
         return model
     model.eval()
@@ -139,38 +154,56 @@ def list_sites(config: SearchConfig, *, n_classes: int) -> tuple[Discovery, Mode
     """Return the candidate sites of ``config``'s model, built for its image size and channels (3
     when the settings leave them to the data) and ``n_classes``, and the shape it was built for."""
     shape = ModelShape(config.data.channels or 3, n_classes, config.data.image_size)
-    return describe_model_sites(config.model, shape, model_args=config.model_args), shape
+    return describe_model_sites(config.model, shape, model_args=config.model_args, in_block=config.in_block), shape
 
 
 def describe_model_sites(
-    name: str, shape: ModelShape, *, model_args: Mapping[str, Any] | None = None
+    name: str, shape: ModelShape, *, model_args: Mapping[str, Any] | None = None, in_block: str = "per-stage"
 ) -> Discovery:
     """Return the candidate sites of model ``name`` built for ``shape``, with what each follows."""
-    model = build_model(name, shape, model_args=model_args)
+    model = build_model(name, shape, model_args=model_args, in_block=in_block)
     found = discovery_of(model)
     if found is not None:
         return found
     # A built-in model: each site follows the layer registered before it; a site declared in two
-    # slots is listed once, at its default slot.
+    # slots is listed once, at its default slot, and a site tied across blocks once, at its first.
     shapes: dict[str, tuple[int, ...]] = {}
-    handles = [
-        site.register_forward_pre_hook(
-            lambda module, args: shapes.__setitem__(module.site_name, tuple(args[0].shape[1:]))
-        )
-        for site in iter_sites(model)
-        if site.slot == DropSite.DEFAULT_SLOT
-    ]
+
+    def record_shape(module: DropSite, args: tuple) -> None:
+        shapes.setdefault(module.site_name + module.slot, tuple(args[0].shape[1:]))
+
+    handles = [site.register_forward_pre_hook(record_shape) for site in iter_sites(model)]
     model.eval()
     with torch.no_grad():
         model(example_batch(shape))
     for handle in handles:
         handle.remove()
-    infos = []
-    previous = "input"
-    for child_name, child in model.named_children():
-        if isinstance(child, DropSite):
-            if child.slot == DropSite.DEFAULT_SLOT:
-                infos.append(SiteInfo(child.site_name, child.kind, previous, shapes.get(child.site_name, ())))
-        else:
-            previous = child_name
+    infos: list[SiteInfo] = []
+    listed: set[tuple[str, str]] = set()
+    for path, module in model.named_modules():
+        if not isinstance(module, DropSite) or (module.site_name, module.slot) in listed:
+            continue
+        listed.add((module.site_name, module.slot))
+        shown = shapes.get(module.site_name + module.slot, ())
+        parent_path, _, attr = path.rpartition(".")
+        if isinstance(module, BranchDrop):
+            infos.append(SiteInfo(module.site_name, BRANCH, f"the residual branch of {parent_path}, before the sum",
+                                  shown))
+        elif module.slot == DropSite.DEFAULT_SLOT:
+            follows = _previous_layer(model, parent_path, attr)
+            if module.tied:
+                follows += " (one decision for every block of the stage)"
+            infos.append(SiteInfo(module.site_name, module.kind, follows, shown))
     return Discovery("built-in", tuple(infos))
+
+
+def _previous_layer(model: nn.Module, parent_path: str, attr: str) -> str:
+    """Return the path of the layer registered before ``attr`` in its parent, drop sites skipped."""
+    parent = model.get_submodule(parent_path)
+    previous = parent_path or "input"
+    for name, child in parent.named_children():
+        if name == attr:
+            break
+        if not isinstance(child, DropSite):
+            previous = f"{parent_path}.{name}" if parent_path else name
+    return previous

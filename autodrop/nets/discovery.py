@@ -13,7 +13,16 @@ Candidates (a site is off until a placement switches it on):
 - every dropout already there (``nn.Dropout*`` modules and ``F.dropout*`` calls), which becomes a
   searchable site in place of its fixed rate;
 - a class the network uses two or more times (ResNet's ``BasicBlock``) counts as one layer: a site
-  after each of its calls, none inside it (its dropouts excepted).
+  after each of its calls; inside it (fx only), a site after the activation that follows each of
+  its convolutions but the last, i.e. before its next convolution, where wide ResNets put dropout.
+  One decision serves every block of a stage (``in:layer2:conv1``; with ``in_block="per-call"``
+  one per block, ``in:layer2.0:conv1``; ``"off"``: none). Deciding each of a ResNet-50's 16 blocks
+  on its own would add 32 rates to a space a few dozen trials must search; the blocks of a stage
+  see maps of one size and are meant to be alike, so they share one;
+- after a residual sum (``x + shortcut``, found in the traced code: an add whose operands are feature
+  maps of one shape, one of them through more convolutions than the other), the site gets a
+  :class:`~autodrop.nets.sites.BranchDrop` on that branch, before the sum: its "branch" kind drops
+  the whole branch per image (stochastic depth) instead of dropping after the sum.
 
 A module called several times gives a site per call, named ``NAME#k`` (k counts its calls from 1).
 """
@@ -33,7 +42,7 @@ from torch import nn
 from autodrop.errors import AutodropWarning, ModelError
 from autodrop.nets.hooks import SiteCallHooks
 from autodrop.nets.layers import CONTAINERS, DROPOUTS, module_kind
-from autodrop.nets.sites import DropSite
+from autodrop.nets.sites import IN_BLOCK_PREFIX, BranchDrop, DropSite
 
 SITE_HOLDER = "autodrop_sites"  # the submodule holding the inserted DropSites (they have no weights)
 DISCOVERY_ATTR = "autodrop_discovery"  # the Discovery found for a network, kept on it for tables
@@ -91,11 +100,13 @@ class ReplacedDropout(DropSite):
         return f"{super().extra_repr()}, replaces {self.function}"
 
 
-def insert_sites(model: nn.Module, example: torch.Tensor, *, label: str, cache_key: Any = None) -> nn.Module:
+def insert_sites(model: nn.Module, example: torch.Tensor, *, label: str, cache_key: Any = None,
+                 in_block: str = "per-stage") -> nn.Module:
     """Return ``model`` with a DropSite at each candidate site, all off; it runs as before.
 
     ``example`` is one batch of the input the network takes; ``label`` names the network in
-    messages. The result carries its :class:`Discovery` as ``DISCOVERY_ATTR``. Raises ModelError
+    messages; ``in_block`` ties the sites inside repeated blocks per stage, per call, or leaves
+    them out. The result carries its :class:`Discovery` as ``DISCOVERY_ATTR``. Raises ModelError
     where the network fails on the example or has no candidate site.
 
     With ``cache_key`` (hashable, and different whenever the network's code or arguments are),
@@ -111,7 +122,7 @@ def insert_sites(model: nn.Module, example: torch.Tensor, *, label: str, cache_k
         return result
     # Probing runs the network: keep the global RNG as it was, so seeded training is unaffected.
     with torch.random.fork_rng(devices=[]):
-        plan, result = _discover(model, example, label)
+        plan, result = _discover(model, example, label, in_block)
     if plan.note:
         warnings.warn(plan.note + ".", AutodropWarning, stacklevel=2)
     _check_channels_last(result, example, label)
@@ -121,7 +132,7 @@ def insert_sites(model: nn.Module, example: torch.Tensor, *, label: str, cache_k
     return result
 
 
-def _discover(model: nn.Module, example: torch.Tensor, label: str) -> tuple[_Plan, nn.Module]:
+def _discover(model: nn.Module, example: torch.Tensor, label: str, in_block: str) -> tuple[_Plan, nn.Module]:
     model.eval()
     with torch.no_grad():
         try:
@@ -131,7 +142,7 @@ def _discover(model: nn.Module, example: torch.Tensor, label: str) -> tuple[_Pla
             raise ModelError(f"model {label} cannot take {shape} images: {type(e).__name__}: {e}") from e
     try:
         traced = _trace(model, example)
-        plan = _Plan("fx", _plan_fx(traced, model))
+        plan = _Plan("fx", _plan_fx(traced, model, in_block))
         _require_sites(plan, label)
         result = _apply_plan(model, plan, traced=traced)
         # With every site off the traced network must compute what the network does (in eval mode,
@@ -164,7 +175,8 @@ class _TraceFailed(Exception):
 class _Planned:
     """A site to put into a network: where, and what it is."""
 
-    where: str  # "after" the node or call, "before" the (linear) one, or "replace" the (dropout) one
+    where: str  # "after" the node or call, "before" the (linear) one, "replace" the (dropout) one, or
+    # "branch": on the residual branch of the (add) node, before the sum
     at: str  # fx: the graph node's name; hooks: the submodule's path
     kind: str
     base: str  # the name, before any clash with another site's is resolved
@@ -175,6 +187,9 @@ class _Planned:
     order: float = 0.0  # position in the forward pass
     call: int = 0  # hooks: which call of the submodule (from 1)
     name: str = ""
+    tied: bool = False  # one of several copies of one in-block site (the same place in every block of a stage)
+    head: str = ""  # fx, "after": the node the site's chain starts from (a block's output, say)
+    branch: str = ""  # fx, "branch": the operand of the sum that is the residual branch
 
 
 @dataclass(frozen=True)
@@ -185,8 +200,14 @@ class _Plan:
 
     @property
     def discovery(self) -> Discovery:
-        infos = tuple(SiteInfo(p.name, p.kind, p.follows, p.shape, p.existing) for p in self.sites)
-        return Discovery(self.method, infos, self.note)
+        infos: list[SiteInfo] = []
+        listed: set[tuple[str, str]] = set()
+        for p in self.sites:
+            kind = "branch" if p.where == "branch" else p.kind
+            if (p.name, kind) not in listed:  # a tied site once, at its first block
+                listed.add((p.name, kind))
+                infos.append(SiteInfo(p.name, kind, p.follows, p.shape, p.existing))
+        return Discovery(self.method, tuple(infos), self.note)
 
 
 # Plans found per cache key, so that each trial's fresh network is not probed again.
@@ -205,7 +226,9 @@ def _apply_plan(model: nn.Module, plan: _Plan, *, traced: nn.Module | None) -> n
 def _make_site(item: _Planned) -> DropSite:
     if item.where == "replace":
         return ReplacedDropout(item.name, item.kind, item.function or "dropout")
-    return DropSite(item.name, item.kind)
+    if item.where == "branch":
+        return BranchDrop(item.name)
+    return DropSite(item.name, item.kind, tied=item.tied)
 
 
 def _assign_names(planned: list[_Planned]) -> None:
@@ -215,6 +238,10 @@ def _assign_names(planned: list[_Planned]) -> None:
     seen: set[str] = set()
     for item in planned:
         name = item.base
+        if item.tied:  # copies of one site share its name
+            item.name = name
+            seen.add(name)
+            continue
         if name in seen:
             name = f"{item.base}@{item.at}" if item.call == 0 else f"{item.base}@{item.call}"
         seen.add(name)
@@ -283,6 +310,11 @@ def _apply_fx(gm: nn.Module, planned: list[_Planned]) -> nn.Module:
             with graph.inserting_before(node):
                 new = graph.call_module(target, (source,))
             node.replace_input_with(source, new)
+        elif item.where == "branch":
+            source = nodes[item.branch]
+            with graph.inserting_before(node):
+                new = graph.call_module(target, (source,))
+            node.replace_input_with(source, new)
         else:
             source = _dropout_input(node)
             with graph.inserting_before(node):
@@ -295,10 +327,13 @@ def _apply_fx(gm: nn.Module, planned: list[_Planned]) -> nn.Module:
     return gm
 
 
-def _plan_fx(gm: nn.Module, model: nn.Module) -> list[_Planned]:
+def _plan_fx(gm: nn.Module, model: nn.Module, in_block: str = "per-stage") -> list[_Planned]:
     graph = _FxGraph(gm, model)
-    planned = graph.conv_sites() + graph.fc_sites() + graph.dropout_sites()
+    planned = graph.conv_sites() + graph.fc_sites() + graph.dropout_sites() + graph.in_block_sites(in_block)
     _assign_names(planned)
+    # A site after a residual sum also gets the branch drop, under its name (known only now).
+    planned += graph.branch_sites(planned)
+    planned.sort(key=lambda p: p.order)
     return planned
 
 
@@ -312,6 +347,7 @@ class _FxGraph:
         self.labels = _Labels(self.nodes)
         repeated = _repeated_classes(model)
         self.block_of = {node: _block_key(node, repeated) for node in self.nodes}
+        self.inner_block_of = {node: _block_key(node, repeated, innermost=True) for node in self.nodes}
         self.block_outputs = self._block_outputs()
 
     def kind_of(self, node: Any) -> str | None:
@@ -369,8 +405,89 @@ class _FxGraph:
                 base = f"after:{labels.of(head)}" if head.op == "call_module" else f"after:{head.name}"
                 shown = [labels.of(n) for n in chain]
             planned.append(_Planned("after", final.name, "conv", base, " > ".join(shown), _per_image(final),
-                                    order=self.position[final] + 0.5))
+                                    order=self.position[final] + 0.5, head=head.name))
         return planned
+
+    def in_block_sites(self, mode: str) -> list[_Planned]:
+        """Sites inside repeated blocks, after the activation that follows each convolution that
+        feeds the block's next convolution; one name per stage (tied) or per block call."""
+        if mode == "off":
+            return []
+        members: dict[str, list[Any]] = {}
+        for node in self.nodes:
+            if self.inner_block_of[node] is not None:
+                members.setdefault(self.inner_block_of[node], []).append(node)
+        block_calls = Counter(key.split("@")[0] for key in members)
+        planned = []
+        for key, inside in members.items():
+            inside_set = set(inside)
+            path, _, call = key.partition("@")
+            for conv in inside:
+                if self.kind_of(conv) != "conv" or conv.op != "call_module":
+                    continue
+                chain = self._activated_chain(conv, inside_set)
+                if chain is None:
+                    continue
+                final = chain[-1]
+                relative = str(conv.target)[len(path) + 1 :] if str(conv.target).startswith(path + ".") else conv.name
+                if mode == "per-stage":
+                    stage = path.rpartition(".")[0] or path
+                    base = f"{IN_BLOCK_PREFIX}{stage}:{relative}"
+                else:
+                    label = path + (f"#{int(call or 0) + 1}" if block_calls[path] > 1 else "")
+                    base = f"{IN_BLOCK_PREFIX}{label}:{relative}"
+                follows = " > ".join(self.labels.of(n) for n in chain)
+                if mode == "per-stage":
+                    follows += " (one decision for every block of the stage)"
+                planned.append(_Planned("after", final.name, "conv", base, follows, _per_image(final),
+                                        order=self.position[final] + 0.5, tied=mode == "per-stage"))
+        return planned
+
+    def _activated_chain(self, conv: Any, inside: set[Any]) -> list[Any] | None:
+        """Return conv > norm/act ... when an activation follows ``conv`` and the chain's only user
+        is another convolution of the same block; None otherwise (the block's last convolution)."""
+        chain, activated = [conv], False
+        while True:
+            users = list(chain[-1].users)
+            if len(users) != 1 or users[0] not in inside:
+                return None
+            user = users[0]
+            kind = self.kind_of(user)
+            if kind == "conv":
+                return chain if activated and _is_feature_map(chain[-1]) else None
+            if kind not in ("norm", "act") or not user.args or user.args[0] is not chain[-1]:
+                return None
+            activated = activated or kind == "act"
+            chain.append(user)
+
+    def branch_sites(self, planned: list[_Planned]) -> list[_Planned]:
+        """A branch drop for each site that follows a residual sum: on the sum's branch operand."""
+        by_head = {item.head: item for item in planned if item.where == "after" and item.head}
+        last_sum: dict[str, Any] = {}  # a repeated block's call -> its last residual sum
+        found = []
+        for node in self.nodes:
+            branch = _residual_branch(node)
+            if branch is None:
+                continue
+            key = self.block_of[node]
+            if key is not None:
+                last_sum[key] = (node, branch)
+                continue
+            # A sum outside blocks: the site must start right at its activation (relu(x + y)).
+            owner = next((by_head[user.name] for user in node.users if user.name in by_head), None)
+            if owner is not None:
+                found.append((node, branch, owner))
+        outputs = {self.block_of[node]: node for node in self.block_outputs}
+        for key, (node, branch) in last_sum.items():
+            output = outputs.get(key)
+            owner = by_head.get(output.name) if output is not None else None
+            if owner is not None:
+                found.append((node, branch, owner))
+        return [
+            _Planned("branch", node.name, "conv", owner.name, f"the residual branch of {owner.name[len('after:'):]}",
+                     _per_image(branch), order=self.position[node] - 0.5, name=owner.name, branch=branch.name)
+            for node, branch, owner in found
+        ]
 
     def fc_sites(self) -> list[_Planned]:
         """Sites on the input of each fully connected layer, unless a dropout already feeds it."""
@@ -438,6 +555,51 @@ def _chain_back(
     return chain
 
 
+_ADD_FUNCTIONS = {"add", "iadd"}
+
+
+def _residual_branch(node: Any) -> Any | None:
+    """Return the branch operand of a residual sum ``branch + shortcut``, or None if ``node`` is no
+    such sum: two feature maps of one shape, one reached through more convolutions than the other
+    since their paths parted (the shortcut: none, or a projection)."""
+    if node.op == "call_function":
+        if getattr(node.target, "__name__", "") not in _ADD_FUNCTIONS:
+            return None
+    elif not (node.op == "call_method" and node.target in ("add", "add_")):
+        return None
+    operands = [a for a in node.args if _is_node(a)]
+    if len(operands) != 2 or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = operands
+    if not (_is_feature_map(a) and _is_feature_map(b)) or _shape(a) != _shape(b) or a is b:
+        return None
+    above_a, above_b = _ancestors(a), _ancestors(b)
+    convs_a = sum(1 for n in above_a - above_b if _is_conv_node(n))
+    convs_b = sum(1 for n in above_b - above_a if _is_conv_node(n))
+    if convs_a == convs_b:
+        return None
+    return a if convs_a > convs_b else b
+
+
+def _ancestors(node: Any) -> set[Any]:
+    """``node`` and every node it is computed from."""
+    seen = {node}
+    stack = [node]
+    while stack:
+        for parent in stack.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
+def _is_conv_node(node: Any) -> bool:
+    if node.op == "call_module":
+        owner = node.graph.owning_module
+        return owner is not None and module_kind(owner.get_submodule(node.target)) == "conv"
+    return node.op == "call_function" and getattr(node.target, "__name__", "") in ("conv1d", "conv2d", "conv3d")
+
+
 def _fed_by_dropout(node: Any, kind_of: Callable[[Any], str | None]) -> bool:
     while True:
         kind = kind_of(node)
@@ -480,14 +642,14 @@ def _fx_kind(node: Any, modules: Mapping[str, nn.Module]) -> str | None:
     return None
 
 
-def _block_key(node: Any, repeated: set[type]) -> str | None:
-    """Return the scope key (``path`` or ``path@k`` for its k+1-th call) of the outermost repeated
-    class the node runs in, or None."""
+def _block_key(node: Any, repeated: set[type], *, innermost: bool = False) -> str | None:
+    """Return the scope key (``path`` or ``path@k`` for its k+1-th call) of the outermost (or
+    innermost) repeated class the node runs in, or None."""
     stack = node.meta.get("nn_module_stack") or {}
     entries = list(stack.items())
     if node.op == "call_module" and entries:
         entries = entries[:-1]  # the module itself is not a scope around its call
-    for key, value in entries:
+    for key, value in reversed(entries) if innermost else entries:
         module_type = value[1] if isinstance(value, tuple) and len(value) > 1 else None
         if module_type in repeated:
             return key
@@ -791,7 +953,10 @@ def format_sites(discovery: Discovery, *, title: str) -> str:
         "built-in": "declared by the built-in model",
     }[discovery.method]
     lines.append("")
-    lines.append(f"{len(discovery.sites)} sites, {found_by}.")
+    n_sites = len({site.name for site in discovery.sites})
+    branches = sum(site.kind == "branch" for site in discovery.sites)
+    also = f" ({branches} of them after a residual sum, with the branch kind)" if branches else ""
+    lines.append(f"{n_sites} sites{also}, {found_by}.")
     if discovery.note:
         lines.append(f"Note: {discovery.note}.")
     return "\n".join(lines)

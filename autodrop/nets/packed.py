@@ -31,7 +31,8 @@ from torch.nn import functional as F
 
 from autodrop.nets import masks
 from autodrop.nets.layers import ELEMENTWISE, SPATIAL_2D
-from autodrop.nets.sites import DropSite, iter_sites
+from autodrop.nets.residual import Residual
+from autodrop.nets.sites import BRANCH, BranchDrop, DropSite, iter_sites
 
 # Layouts of the activations as they flow through the packed network.
 _IMAGE, _FLAT, _CONV, _FC = "shared image", "shared flat", "packed maps", "packed features"
@@ -42,16 +43,23 @@ def packing_problem(model: nn.Module, *, member_inputs: bool = False) -> str | N
     an input of its own (augmented its own way), which only a first convolution can take."""
     if not isinstance(model, nn.Sequential):
         return f"only flat nn.Sequential models can be packed, not {type(model).__name__}"
-    layout = _IMAGE
-    for name, module in model.named_children():
-        if member_inputs and layout == _IMAGE and isinstance(module, (nn.Linear, nn.Flatten)):
-            return "each member's own (augmented) images need a convolution as the first layer with weights"
-        layout, problem = _next_layout(layout, module)
-        if problem:
-            return f"layer {name!r} ({type(module).__name__}): {problem}"
+    if member_inputs and isinstance(next(iter(model), None), (nn.Linear, nn.Flatten)):
+        return "each member's own (augmented) images need a convolution as the first layer with weights"
+    layout, problem = _sequence_layout(model, _IMAGE)
+    if problem:
+        return problem
     if layout not in (_FC,):
         return "the model must end in a linear layer's outputs"
     return None
+
+
+def _sequence_layout(sequence: nn.Sequential, layout: str) -> tuple[str, str | None]:
+    """Return the layout after the layers of ``sequence`` and the first problem packing them meets."""
+    for name, module in sequence.named_children():
+        layout, problem = _next_layout(layout, module)
+        if problem:
+            return layout, f"layer {name!r} ({type(module).__name__}): {problem}"
+    return layout, None
 
 
 def _next_layout(layout: str, module: nn.Module) -> tuple[str, str | None]:
@@ -78,6 +86,16 @@ def _next_layout(layout: str, module: nn.Module) -> tuple[str, str | None]:
         if module.start_dim != 1 or module.end_dim != -1:
             return layout, "only Flatten(start_dim=1) is packed"
         return {_IMAGE: _FLAT, _CONV: _FC}.get(layout, layout), None
+    if isinstance(module, Residual):
+        if layout != _CONV:
+            return layout, "a residual block before the first convolution or after flattening"
+        for part in (module.pre, module.branch, module.shortcut):
+            if part is None:
+                continue
+            after, problem = _sequence_layout(part, _CONV)
+            if problem or after != _CONV:
+                return layout, problem or "a residual block whose parts leave the feature maps"
+        return layout, None
     if isinstance(module, DropSite):
         if layout in (_IMAGE, _FLAT):
             return layout, "a drop site before the first layer with weights"
@@ -211,6 +229,51 @@ class PackedDropSite(nn.Module):
         return f"{self.site_name!r}, slot={self.slot}, rates={[round(r, 4) for r in self.rates]}"
 
 
+class PackedBranchDrop(nn.Module):
+    """One branch-drop site of K members on packed maps: each member drops its own images'
+    branches at its own rate (0 where the member has it off)."""
+
+    def __init__(self, members: Sequence[BranchDrop]) -> None:
+        super().__init__()
+        self.site_name = members[0].site_name
+        self.kind = members[0].kind
+        self.slot = members[0].slot
+        self.rates = [m.p or 0.0 for m in members]
+        self.whole_maps = [False] * len(members)  # what copy_sites_to reads of every packed site
+
+    def set_member(self, member: int, rate: float | None, whole_maps: bool = False) -> None:
+        self.rates[member] = rate or 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not any(self.rates):
+            return x
+        k = len(self.rates)
+        keep = torch.tensor([1.0 - r for r in self.rates], device=x.device, dtype=x.dtype)
+        kept = (torch.rand(x.shape[0], k, device=x.device, dtype=x.dtype) < keep).to(x.dtype)
+        scale = kept / keep.clamp_min(torch.finfo(x.dtype).tiny)  # a member at rate 1 keeps nothing
+        return x * scale.repeat_interleave(x.shape[1] // k, dim=1).view(x.shape[0], x.shape[1], 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.site_name!r}, residual branch, rates={[round(r, 4) for r in self.rates]}"
+
+
+class PackedResidual(nn.Module):
+    """K residual blocks on packed maps: each part packed as a flat model's layers are."""
+
+    def __init__(self, pre: nn.Sequential, branch: nn.Sequential, shortcut: nn.Sequential | None,
+                 drop: PackedBranchDrop) -> None:
+        super().__init__()
+        self.pre = pre
+        self.branch = branch
+        self.shortcut = shortcut
+        self.drop = drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activated = self.pre(x)
+        shortcut = x if self.shortcut is None else self.shortcut(activated)
+        return self.drop(self.branch(activated)) + shortcut
+
+
 class _Softmax(nn.Module):
     """(Log-)softmax over the class dimension, which is the last one in packed features."""
 
@@ -247,23 +310,39 @@ class PackedNet(nn.Module):
             raise ValueError(f"cannot pack this model: {problem}.")
         self.k = len(members)
         self.member_inputs = member_inputs
-        names = [name for name, _ in members[0].named_children()]
-        for other in members[1:]:
+        self._keys: list[_MemberKey] = []
+        self.layers, _ = self._pack_sequence(list(members), _IMAGE, "", "layers.")
+        self._site_layers = [m for m in self.layers.modules() if isinstance(m, (PackedDropSite, PackedBranchDrop))]
+
+    def _pack_sequence(self, group: list[nn.Sequential], layout: str, member_prefix: str,
+                       packed_prefix: str) -> tuple[nn.Sequential, str]:
+        """Return the members' sequences packed layer by layer, and the layout after them; the
+        member and packed names of every tensor are recorded in ``self._keys``."""
+        names = [name for name, _ in group[0].named_children()]
+        for other in group[1:]:
             if [name for name, _ in other.named_children()] != names:
                 raise ValueError("every member of a pack must have the same layers.")
         layers: list[nn.Module] = []
-        keys: list[_MemberKey] = []
-        layout = _IMAGE
         for index, name in enumerate(names):
-            group = [dict(m.named_children())[name] for m in members]
-            packed, layout = self._pack_layer(group, layout)
+            layer_group = [dict(m.named_children())[name] for m in group]
+            if isinstance(layer_group[0], Residual):
+                layers.append(self._pack_residual(layer_group, f"{member_prefix}{name}.", f"{packed_prefix}{index}."))
+                continue
+            packed, layout = self._pack_layer(layer_group, layout)
             layers.append(packed)
-            for key, value in group[0].state_dict().items():
-                packed_key = f"layers.{index}.{key}"
-                keys.append(_MemberKey(f"{name}.{key}", packed_key, tuple(value.shape), shared=value.dim() == 0))
-        self.layers = nn.Sequential(*layers)
-        self._keys = keys
-        self._site_layers = [m for m in layers if isinstance(m, PackedDropSite)]
+            for key, value in layer_group[0].state_dict().items():
+                self._keys.append(_MemberKey(f"{member_prefix}{name}.{key}", f"{packed_prefix}{index}.{key}",
+                                             tuple(value.shape), shared=value.dim() == 0))
+        return nn.Sequential(*layers), layout
+
+    def _pack_residual(self, group: list[nn.Module], member_prefix: str, packed_prefix: str) -> PackedResidual:
+        parts = {}
+        for part in ("pre", "branch", "shortcut"):
+            sequences = [getattr(block, part) for block in group]
+            parts[part] = None if sequences[0] is None else self._pack_sequence(
+                sequences, _CONV, f"{member_prefix}{part}.", f"{packed_prefix}{part}.")[0]
+        return PackedResidual(parts["pre"], parts["branch"], parts["shortcut"],
+                              PackedBranchDrop([block.drop for block in group]))
 
     def _pack_layer(self, group: list[nn.Module], layout: str) -> tuple[nn.Module, str]:
         first = group[0]
@@ -306,7 +385,10 @@ class PackedNet(nn.Module):
         """Set ``model``'s drop sites to member ``member``'s rates and kinds."""
         for packed, site in zip(self._site_layers, iter_sites(model), strict=True):
             site.p = packed.rates[member] or None
-            site.dropout_kind = "channel" if packed.whole_maps[member] else "element"
+            if isinstance(site, BranchDrop):
+                site.dropout_kind = BRANCH
+            else:
+                site.dropout_kind = "channel" if packed.whole_maps[member] else "element"
 
     def silence(self, member: int) -> None:
         """Switch every site of member ``member`` off (the second half of an early-dropout run)."""

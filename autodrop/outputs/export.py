@@ -21,6 +21,7 @@ from autodrop.config import SearchConfig, is_user_model, parse_model_spec
 from autodrop.errors import ConfigError, ModelError, StorageError
 from autodrop.nets.builtin import BUILTIN_MODELS
 from autodrop.nets.shape import ModelShape
+from autodrop.outputs import written_layers
 from autodrop.outputs.files import check_writable, write_text
 from autodrop.run.artifacts import artifact_dir as artifact_folder
 from autodrop.run.artifacts import load_weights, open_artifact_store, read_normaliser
@@ -263,7 +264,7 @@ def class_name_for(model_name: str) -> str:
     if model_name not in BUILTIN_MODELS:
         raise ModelError(f"unknown model {model_name!r}; built-in models are: {', '.join(BUILTIN_MODELS)}.")
     words = [w for w in model_name.replace("_", "-").split("-") if w]
-    name = "".join(w.upper() if w in ("cnn", "mlp") else w.capitalize() for w in words)
+    name = "".join(w.upper() if w in ("cnn", "mlp", "wrn") else w.capitalize() for w in words)
     if not name.isidentifier():  # pragma: no cover - registry names are checked here
         raise ModelError(f"model name {model_name!r} does not make a Python class name.")
     return name
@@ -275,7 +276,8 @@ def rebuild(record: ExportRecord) -> "nn.Module":
     from autodrop.nets.build import build_model
     from autodrop.nets.sites import apply_placement, site_kinds
 
-    model = build_model(record.config.model, record.shape, model_args=record.config.model_args)
+    model = build_model(record.config.model, record.shape, model_args=record.config.model_args,
+                        in_block=record.config.in_block)
     if list(site_kinds(model).items()) != list(record.sites.items()):
         raise StorageError(
             f"study {record.study_name!r} lists drop sites {list(record.sites)} that model "
@@ -287,8 +289,10 @@ def rebuild(record: ExportRecord) -> "nn.Module":
 
 
 def export_builtin(record: ExportRecord, class_name: str) -> "tuple[str, nn.Module]":
-    """Return the source of a built-in (flat nn.Sequential) model and the rebuilt network."""
-    from autodrop.nets.sites import DropSite
+    """Return the source of a built-in (flat nn.Sequential) model and the rebuilt network; residual
+    blocks are written as the file's own ``Residual`` class, the chosen dropout inside them."""
+    from autodrop.nets.residual import Residual
+    from autodrop.nets.sites import BranchDrop, DropSite
 
     model = rebuild(record)
 
@@ -297,19 +301,53 @@ def export_builtin(record: ExportRecord, class_name: str) -> "tuple[str, nn.Modu
     for attr, layer in model.named_children():
         if not attr.isidentifier() or attr.startswith("_"):  # pragma: no cover - built-in names
             raise ModelError(f"layer name {attr!r} is not a Python identifier.")
-        if isinstance(layer, DropSite):
-            if layer.p is None:
-                continue
-            # Channel dropout zeroes whole feature maps, which is what nn.Dropout2d does.
-            layer_class = "Dropout2d" if layer.dropout_kind == "channel" else "Dropout"
-            init_lines.append(f"self.{attr} = nn.{layer_class}(p={_rate(layer.p)})  # site {layer.site_name}")
-        else:
-            init_lines.append(f"self.{attr} = {layer_source(layer)}")
+        if isinstance(layer, DropSite) and layer.p is None:
+            continue
+        expression = _layer_expression(layer, "        ")
+        comment = f"  # site {layer.site_name}" if isinstance(layer, DropSite) else ""
+        init_lines.append(f"self.{attr} = {expression}{comment}")
         forward_lines.append(f"x = self.{attr}(x)")
 
-    source = _module_source(record, class_name, init_lines, forward_lines)
+    defined = [written_layers.RESIDUAL] if any(isinstance(m, Residual) for m in model.modules()) else []
+    if any(isinstance(m, BranchDrop) and m.p is not None for m in model.modules()):
+        defined.append(written_layers.DROP_PATH)
+    source = _module_source(record, class_name, init_lines, forward_lines, defined)
     _check_source(source, class_name, model)
     return source, model
+
+
+def _layer_expression(layer: "nn.Module", indent: str) -> str:
+    """Return the source that builds ``layer`` (a site as the dropout the placement chose; a residual
+    block or a named sequence part by part, its sites that are off left out)."""
+    from torch import nn
+
+    from autodrop.nets.residual import Residual
+    from autodrop.nets.sites import BranchDrop, DropSite
+
+    inner = indent + "    "
+    if isinstance(layer, BranchDrop):
+        return "nn.Identity()" if layer.p is None else f"DropPath(p={_rate(layer.p)})"
+    if isinstance(layer, DropSite):
+        # Channel dropout zeroes whole feature maps, which is what nn.Dropout2d does.
+        layer_class = "Dropout2d" if layer.dropout_kind == "channel" else "Dropout"
+        return f"nn.{layer_class}(p={_rate(layer.p or 0.0)})"
+    if isinstance(layer, Residual):
+        parts = [f"{inner}{name}={_layer_expression(getattr(layer, name), inner)}," for name in ("pre", "branch")]
+        if layer.shortcut is not None:
+            parts.append(f"{inner}shortcut={_layer_expression(layer.shortcut, inner)},")
+        parts.append(f"{inner}drop={_layer_expression(layer.drop, inner)},")
+        return "Residual(\n" + "\n".join(parts) + f"\n{indent})"
+    if type(layer) is nn.Sequential:
+        items = []
+        for name, child in layer.named_children():
+            if isinstance(child, DropSite) and child.p is None:
+                continue
+            if not name.isidentifier():  # pragma: no cover - built-in names
+                raise ModelError(f"layer name {name!r} is not a Python identifier.")
+            comment = f"  # site {child.site_name}" if isinstance(child, DropSite) else ""
+            items.append(f"{inner}({name!r}, {_layer_expression(child, inner)}),{comment}")
+        return "nn.Sequential(OrderedDict([\n" + "\n".join(items) + f"\n{indent}]))"
+    return layer_source(layer)
 
 
 def export_user_model(record: ExportRecord, class_name: str) -> "tuple[str, nn.Module]":
@@ -329,6 +367,7 @@ def export_user_model(record: ExportRecord, class_name: str) -> "tuple[str, nn.M
     source = export_custom_source(
         record.config.model, record.config.model_args, record.placement, channels=shape.channels,
         n_classes=shape.n_classes, image_size=shape.image_size, class_name=class_name, header=header,
+        variants=record.variants, in_block=record.config.in_block,
     )
     return source, model
 
@@ -395,6 +434,8 @@ def layer_source(layer: "nn.Module") -> str:
              ("dilation", _square(layer.dilation), 1), ("ceil_mode", layer.ceil_mode, False)],
         )
         return f"nn.MaxPool2d({args})"
+    if type(layer) is nn.AdaptiveAvgPool2d:
+        return f"nn.AdaptiveAvgPool2d({_num(_square(layer.output_size))})"
     if type(layer) is nn.Flatten:
         return f"nn.Flatten({_args([], [('start_dim', layer.start_dim, 1), ('end_dim', layer.end_dim, -1)])})"
     if type(layer) is nn.Linear:
@@ -414,7 +455,8 @@ def _square(value: Any) -> Any:
     return value
 
 
-def _module_source(record: ExportRecord, class_name: str, init_lines: list[str], forward_lines: list[str]) -> str:
+def _module_source(record: ExportRecord, class_name: str, init_lines: list[str], forward_lines: list[str],
+                   defined: list[str] = ()) -> str:
     shape = record.shape
     train = "" if record.train_accuracy is None else f", train accuracy {100 * record.train_accuracy:.2f}%"
     # Strings from storage go into comments and literals only through ascii(), which cannot
@@ -432,7 +474,8 @@ def _module_source(record: ExportRecord, class_name: str, init_lines: list[str],
         f"#     model = load_{_snake(class_name)}(\"weights.pt\")",
         "#     probabilities = model(normalise(images)).softmax(dim=1)  # images: (N, C, H, W), 0..255",
     ]
-    lines = header + ["", "import torch", "from torch import nn", ""]
+    imports = ["from collections import OrderedDict", ""] if "OrderedDict" in "\n".join(init_lines) else []
+    lines = header + ["", *imports, "import torch", "from torch import nn", ""]
     lines.append(f"CLASSES = {_tuple([ascii(c) for c in record.classes])}  # output index -> class")
     lines.append(f"IMAGE_SIZE = {shape.image_size}")
     if record.scaling is not None:
@@ -449,6 +492,8 @@ def _module_source(record: ExportRecord, class_name: str, init_lines: list[str],
             "    shift = torch.tensor(SHIFT).view(1, -1, 1, 1)",
             "    return torch.addcmul(shift, images.float(), scale)",
         ]
+    for definition in defined:
+        lines += ["", "", definition.strip("\n")]
     lines += [
         "",
         "",
@@ -498,11 +543,11 @@ def _check_source(source: str, class_name: str, model: "nn.Module") -> None:
     got = {k: tuple(v.shape) for k, v in written.state_dict().items()}
     if expected != got:  # pragma: no cover - a bug in the writer, not a user error
         raise ModelError(f"the written {class_name} does not match the network: {sorted(set(expected) ^ set(got))}")
-    for attr, layer in model.named_children():
-        if isinstance(layer, DropSite):
+    for path, layer in model.named_modules():
+        if isinstance(layer, DropSite) or not path or any(True for _ in layer.children()):
             continue
-        if repr(getattr(written, attr)) != repr(layer):  # pragma: no cover - as above
-            raise ModelError(f"the written layer {attr} is {getattr(written, attr)!r}, not {layer!r}.")
+        if repr(written.get_submodule(path)) != repr(layer):  # pragma: no cover - as above
+            raise ModelError(f"the written layer {path} is {written.get_submodule(path)!r}, not {layer!r}.")
 
 
 def _trusted_data(record: ExportRecord, data: str | None) -> "tuple[Any, SearchConfig]":

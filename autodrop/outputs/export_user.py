@@ -26,8 +26,9 @@ from autodrop.config import ModelSpec, is_user_model, parse_model_args, parse_mo
 from autodrop.errors import ModelError
 from autodrop.nets import hooks
 from autodrop.nets.discovery import DISCOVERY_ATTR, SITE_HOLDER, Discovery, insert_sites
-from autodrop.nets.sites import DropSite
+from autodrop.nets.sites import BranchDrop, DropSite, apply_placement
 from autodrop.nets.user import BuiltModel, build_user_model
+from autodrop.outputs import written_layers
 
 # The nn module that applies each dropout function, for the layers the exported class declares.
 _DROPOUT_MODULES = {
@@ -47,11 +48,15 @@ def export_custom_source(
     image_size: int,
     class_name: str = "ExportedModel",
     header: Sequence[str] = (),
+    variants: Mapping[str, Mapping[str, str]] | None = None,
+    in_block: str = "per-stage",
 ) -> str:
     """Return the source of a module that builds user model ``spec`` with dropout at ``placement``.
 
     ``spec`` and ``model_args`` are as the study stored them, ``placement`` maps site names to a
-    rate or None (off); sites it leaves out are off. ``channels``, ``n_classes`` and ``image_size``
+    rate or None (off); sites it leaves out are off; ``variants`` gives a site's dropout kind
+    ("branch": the residual branch is dropped, by a DropPath the file defines); ``in_block`` is the
+    study's way of tying in-block sites. ``channels``, ``n_classes`` and ``image_size``
     are the data's. ``header`` lines become comments at the top (study, trial, accuracy...).
 
     The module defines ``build_model()``, which returns the network; where the network was traced,
@@ -71,16 +76,20 @@ def export_custom_source(
     built = build_user_model(parsed, args, channels=channels, n_classes=n_classes, image_size=image_size)
     built_kwargs = dict(built.kwargs)
     example = torch.randn(2, channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    model = insert_sites(built.module, example, label=parsed.label)
+    model = insert_sites(built.module, example, label=parsed.label, in_block=in_block)
     discovery: Discovery = getattr(model, DISCOVERY_ATTR)
     rates = _checked_placement(placement, discovery)
+    try:
+        apply_placement(model, rates, variants)
+    except ModelError as e:
+        raise ModelError(f"cannot export this placement: {e}") from e
 
     lines = _file_header(parsed, rates, header)
     lines += _imports(parsed, discovery)
     if discovery.method == "fx":
-        lines += _traced_class(model, parsed, built, built_kwargs, rates, class_name)
+        lines += _traced_class(model, parsed, built, built_kwargs, class_name)
     else:
-        lines += _hooked_factory(parsed, built, built_kwargs, rates, model)
+        lines += _hooked_factory(parsed, built, built_kwargs, model)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -194,29 +203,34 @@ def _adopt(source: nn.Module, target: nn.Module, path: str) -> None:
 
 
 def _traced_class(
-    model: nn.Module, spec: ModelSpec, built: BuiltModel, kwargs: Mapping[str, Any],
-    rates: Mapping[str, float | None], class_name: str,
+    model: nn.Module, spec: ModelSpec, built: BuiltModel, kwargs: Mapping[str, Any], class_name: str,
 ) -> list[str]:
-    """The traced graph as a class: the user's layers adopted by name, dropout at the chosen sites."""
+    """The traced graph as a class: the user's layers adopted by name, dropout at the chosen sites
+    (each site module as the placement left it: on at its rate, or off)."""
     gm: Any = model
     graph = gm.graph
-    dropout_layers: list[tuple[str, str, float, str]] = []  # attribute, nn class, rate, site
+    dropout_layers: list[tuple[str, str, float, str]] = []  # attribute, class source, rate, site
     taken = {name for name, _ in gm.named_children()}
     for node in list(graph.nodes):
         if node.op != "call_module" or not str(node.target).startswith(f"{SITE_HOLDER}."):
             continue
         site = gm.get_submodule(node.target)
         assert isinstance(site, DropSite)
-        rate = rates.get(site.site_name)
+        rate = site.p
         if rate is None:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
             continue
-        attr = _unique(f"drop_{_identifier(site.site_name)}", taken)
+        attr = _unique(f"{'drop_path' if isinstance(site, BranchDrop) else 'drop'}_{_identifier(site.site_name)}",
+                       taken)
         taken.add(attr)
-        module_name = _DROPOUT_MODULES[getattr(site, "function", "dropout")]
-        dropout_layers.append((attr, module_name, rate, site.site_name))
-        gm.add_module(attr, getattr(nn, module_name)(p=rate))
+        if isinstance(site, BranchDrop):
+            module_class, layer = "DropPath", _DropPathStandIn(rate)
+        else:
+            module_class = "nn." + _DROPOUT_MODULES[getattr(site, "function", "dropout")]
+            layer = getattr(nn, module_class[3:])(p=rate)
+        dropout_layers.append((attr, module_class, rate, site.site_name))
+        gm.add_module(attr, layer)
         node.target = attr
         if hasattr(node, "_rename"):  # the variable reads as the layer: drop_after_conv1 = ...
             node._rename(attr)
@@ -238,6 +252,8 @@ def _traced_class(
     extra_imports = _check_globals(forward, code.globals, spec)
 
     lines = ["", *extra_imports, _SET_SUBMODULE.strip("\n"), "", "", _ADOPT.strip("\n"), "", ""]
+    if any(module_class == "DropPath" for _, module_class, _, _ in dropout_layers):
+        lines += [written_layers.DROP_PATH.strip("\n"), "", ""]
     lines.append(f"# The layers the forward pass uses, by the names they have in {spec.attr or spec.source}.")
     lines.append(f"LAYERS = {layers!r}")
     lines += ["", ""]
@@ -249,8 +265,8 @@ def _traced_class(
     lines += _construction(spec, built, kwargs, "        ")
     lines.append("        for path in LAYERS:")
     lines.append("            _adopt(net, self, path)")
-    for attr, module_name, rate, site_name in dropout_layers:
-        lines.append(f"        self.{attr} = nn.{module_name}(p={rate!r})  # site {_plain(site_name)}")
+    for attr, module_class, rate, site_name in dropout_layers:
+        lines.append(f"        self.{attr} = {module_class}(p={rate!r})  # site {_plain(site_name)}")
     lines.append("")
     for line in forward.splitlines():
         lines.append(f"    {line}" if line.strip() else "")
@@ -261,14 +277,11 @@ def _traced_class(
     return lines
 
 
-def _hooked_factory(
-    spec: ModelSpec, built: BuiltModel, kwargs: Mapping[str, Any],
-    rates: Mapping[str, float | None], model: Any,
-) -> list[str]:
+def _hooked_factory(spec: ModelSpec, built: BuiltModel, kwargs: Mapping[str, Any], model: Any) -> list[str]:
     """The user's network with the chosen dropout attached by forward hooks, as autodrop ran it."""
     entries = []
     for where, path, call, site in model.autodrop_hooks.entries:
-        rate = rates.get(site.site_name)
+        rate = site.p
         if rate is None and where != "replace":
             continue
         if rate is None:
@@ -288,6 +301,17 @@ def _hooked_factory(
     lines.append("    SiteCallHooks(net, sites)")
     lines.append("    return net")
     return lines
+
+
+class _DropPathStandIn(nn.Module):
+    """Holds a DropPath's place in the graph while its code is written (the file defines DropPath)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - never run
+        return x
 
 
 def _tidy(source: str) -> str:

@@ -199,7 +199,8 @@ def network_layers(result: SearchResult, model_name: str | None) -> tuple[list[t
 
         data = result.data
         shape = ModelShape(int(data["channels"]), len(data["classes"]), int(data["image_size"]))
-        model = build_model(model_name, shape, model_args=result.settings.get("model-args") or {})
+        model = build_model(model_name, shape, model_args=result.settings.get("model-args") or {},
+                            in_block=result.settings.get("in-block", "off"))
     except AutodropError as e:
         return sites_only, f"Only the drop sites are drawn: the model could not be rebuilt here ({e})"
     # A site declared in two slots is drawn once, where the best trial put it.

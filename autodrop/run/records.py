@@ -79,11 +79,11 @@ def slot_param(site: str) -> str:
 TRIAL_SETTINGS = (
     "data", "image-size", "channels", "val-fraction", "train-per-class",
     "model", "model-args", "epochs", "batch-size", "lr", "rate-range", "kinds", "slots", "schedule", "seed",
-    "optimizer", "weight-decay", "lr-schedule", "label-smoothing", "augment",
+    "optimizer", "weight-decay", "lr-schedule", "label-smoothing", "augment", "in-block",
 )
 # Settings added after studies were first stored, and the value every study made before them used.
 LATER_SETTINGS = {"optimizer": "adam", "weight-decay": 0.0, "lr-schedule": "constant", "label-smoothing": 0.0,
-                  "augment": []}
+                  "augment": [], "in-block": "off"}
 METRIC_NAME = "val_accuracy"
 SITE_KINDS = ("conv", "fc")
 # Built-in site names are identifiers; discovered ones add ":", "#", "@" and "." ("after:conv21#2").

@@ -20,7 +20,7 @@ import torch
 
 from autodrop.config import SearchConfig, config_to_options, is_user_model
 from autodrop.errors import AutodropError, AutodropWarning, ConfigError
-from autodrop.nets.build import check_model, inspect_model
+from autodrop.nets.build import ModelSites, check_model, inspect_model
 from autodrop.run import records
 from autodrop.run.locking import StorageLock
 from autodrop.run.processes import run_processes
@@ -28,7 +28,7 @@ from autodrop.run.progress import Progress
 from autodrop.run.records import BASELINE, read_study, read_trials
 from autodrop.run.scheduler import run_trials
 from autodrop.run.signals import Interrupted
-from autodrop.run.space import baseline_placements, default_variants, placement_to_params, variant_choices
+from autodrop.run.space import baseline_placements, baseline_variants, placement_to_params, variant_choices
 from autodrop.run.storage import open_storage
 from autodrop.run.pruning import make_pruner
 from autodrop.run.trust import data_record
@@ -82,15 +82,16 @@ def prepare_study(config: SearchConfig) -> PreparedStudy:
     for name in sorted(set(config.worker_devices())):
         _check_device(resolve_device(name))
     data = load_data(config.data)
-    model = inspect_model(config.model, data.shape, config.model_args, member_inputs=bool(config.train.augment))
+    model = inspect_model(config.model, data.shape, config.model_args, member_inputs=bool(config.train.augment),
+                          in_block=config.in_block)
     if config.pack is not None and config.pack > 1 and model.packing_problem is not None:
         raise ConfigError(
             f"--pack {config.pack}: this model's trials cannot be packed ({model.packing_problem}); use --pack 1."
         )
-    # A user's network keeps the flavour of the dropout it was written with, so the dropout kind
-    # is searched for the built-in models only.
-    kinds = config.kinds if not is_user_model(config.model) else ("element",)
-    choices = variant_choices(model.kinds, model.slots, kinds, config.slots)
+    # A user's network keeps the flavour of the dropout it was written with, so element or channel
+    # is searched for the built-in models only; dropping a residual branch is for any network.
+    kinds = config.kinds if not is_user_model(config.model) else tuple(k for k in config.kinds if k != "channel")
+    choices = variant_choices(model.kinds, model.slots, kinds, config.slots, branches=model.branches)
 
     # One process at a time creates tables, study, attributes and baselines; the others then find them.
     with StorageLock(config.storage_url, "set-up").hold():
@@ -98,7 +99,7 @@ def prepare_study(config: SearchConfig) -> PreparedStudy:
         study = create_or_load_study(
             storage,
             config.study_name,
-            settings=config_to_options(config),
+            settings=config_to_options(as_searched(config, model)),
             sampler=make_sampler(config.sampler, config.seed),
             pruner=make_pruner(config.pruner, config.train.epochs, n_val=len(data.val_labels)),
         )
@@ -106,9 +107,17 @@ def prepare_study(config: SearchConfig) -> PreparedStudy:
         # A study anyone can edit is read back whole before any trial trains: a value autodrop would
         # not write (a foreign checkpoint path, a rate out of range) stops the run here.
         read_trials(study, read_study(study))
-        _enqueue_baselines(study, model.kinds, choices, config)
+        _enqueue_baselines(study, model.kinds, choices, config, model.branches)
         uuid = _study_uuid(study)
     return PreparedStudy(study, storage, data, model.kinds, choices, model.packing_problem, uuid)
+
+
+def as_searched(config: SearchConfig, model: ModelSites) -> SearchConfig:
+    """Return ``config`` as it applies to ``model``, for storing with the study: a setting that finds
+    nothing to act on in this model (in-block sites, the branch kind) is stored as off, so a study
+    made before the setting existed, or with another value of it, resumes with the defaults."""
+    kinds = tuple(k for k in config.kinds if k != "branch" or model.branches) or ("element",)
+    return dataclasses.replace(config, kinds=kinds, in_block=config.in_block if model.in_block else "off")
 
 
 def _check_device(device: torch.device) -> None:
@@ -157,19 +166,20 @@ def _study_uuid(study: optuna.Study) -> str:
 
 
 def _enqueue_baselines(
-    study: optuna.Study, sites: dict[str, str], choices: dict[str, Any], config: SearchConfig
+    study: optuna.Study, sites: dict[str, str], choices: dict[str, Any], config: SearchConfig,
+    branches: frozenset[str],
 ) -> None:
     """Queue each baseline recipe once; a rerun finds them already present and adds nothing, except
     for a recipe whose trials all failed (a crash, a full disk): it is queued again, since every
     answer is measured against the recipes."""
     present = {t.user_attrs.get(BASELINE) for t in study.get_trials(deepcopy=False)
                if t.state != optuna.trial.TrialState.FAIL}
-    for name, placement in baseline_placements(sites, config.rate_range)[: config.trials]:
+    recipes = [(name, placement, baseline_variants(name, placement, choices))
+               for name, placement in baseline_placements(sites, config.rate_range, branches=branches)]
+    for name, placement, variants in [r for r in recipes if r[2] is not None][: config.trials]:
         if name in present:
             continue
-        # The recipes are plain dropout: element-wise, after the activation.
-        params = placement_to_params(placement, default_variants(placement, choices))
-        study.enqueue_trial(params, user_attrs={BASELINE: name})
+        study.enqueue_trial(placement_to_params(placement, variants), user_attrs={BASELINE: name})
 
 
 def run_here(

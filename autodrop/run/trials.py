@@ -89,7 +89,8 @@ class StudyTrials(TrialRunner):
 
     def build(self) -> nn.Module:
         """Return a fresh network of the search's model (for a pack's members to be loaded into)."""
-        return build_model(self.config.model, self.data.shape, model_args=self.config.model_args)
+        return build_model(self.config.model, self.data.shape, model_args=self.config.model_args,
+                           in_block=self.config.in_block)
 
     # --- what the scheduler calls -------------------------------------------------------------
 

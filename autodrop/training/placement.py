@@ -29,7 +29,7 @@ def build_placed_model(
 ) -> nn.Module:
     """Return ``config``'s network for ``data``, initialised from ``seed``, with its dropout placed."""
     torch.manual_seed(seed)
-    model = build_model(config.model, data.shape, model_args=config.model_args)
+    model = build_model(config.model, data.shape, model_args=config.model_args, in_block=config.in_block)
     apply_placement(model, placement, variants)
     return model
 

@@ -13,7 +13,7 @@ from autodrop.config import DataConfig, TrainConfig, parse_model_spec
 from autodrop.errors import AutodropWarning, ModelError
 from autodrop.nets.build import ModelShape, build_model, describe_model_sites
 from autodrop.nets.discovery import Discovery, ReplacedDropout, discovery_of, insert_sites
-from autodrop.nets.sites import apply_placement, iter_sites, site_kinds
+from autodrop.nets.sites import BranchDrop, apply_placement, branch_sites, iter_sites, site_kinds
 from autodrop.nets.user import build_user_model
 from autodrop.training.data import load_data
 from autodrop.training.loop import train_trial
@@ -34,8 +34,22 @@ FORUM_SITES = [
 ]
 RESIDUAL_SITES = {"after:stem": "conv", "after:conv_a": "conv", "after:add": "conv", "F.dropout": "fc"}
 RESNET18_SITES = [
-    "after:conv1", "after:layer1.0", "after:layer1.1", "after:layer2.0", "after:layer2.1",
-    "after:layer3.0", "after:layer3.1", "after:layer4.0", "after:layer4.1", "before:fc",
+    "after:conv1", "in:layer1:conv1", "after:layer1.0", "after:layer1.1", "in:layer2:conv1", "after:layer2.0",
+    "after:layer2.1", "in:layer3:conv1", "after:layer3.0", "after:layer3.1", "in:layer4:conv1", "after:layer4.0",
+    "after:layer4.1", "before:fc",
+]
+RESNET18_BRANCHES = {f"after:layer{stage}.{block}" for stage in (1, 2, 3, 4) for block in (0, 1)}
+WIDE_RESNET50_SITES = (
+    ["after:conv1"]
+    + [site for stage, blocks in ((1, 3), (2, 4), (3, 6), (4, 3))
+       for site in [f"in:layer{stage}:conv1", f"in:layer{stage}:conv2"]
+       + [f"after:layer{stage}.{block}" for block in range(blocks)]]
+    + ["before:fc"]
+)
+WRN = f"{USER}:WideResNet"
+WRN16_SITES = [
+    "in:block1.layer:conv1", "after:block1", "in:block2.layer:conv1", "after:block2",
+    "in:block3.layer:conv1", "after:block3", "before:fc",
 ]
 
 
@@ -80,12 +94,45 @@ def test_residual_network_with_functional_activations_is_traced():
 
 
 @pytest.mark.slow
-def test_resnet18_gets_one_site_per_residual_block_and_one_before_fc():
+def test_resnet18_gets_a_site_per_block_one_inside_each_stage_and_one_before_fc():
     model = _build("torchvision:resnet18", ModelShape(1, 10, 16))
     kinds = site_kinds(model)
     assert list(kinds) == RESNET18_SITES
-    assert kinds["before:fc"] == "fc" and kinds["after:layer2.1"] == "conv"
+    assert kinds["before:fc"] == "fc" and kinds["after:layer2.1"] == "conv" and kinds["in:layer3:conv1"] == "conv"
+    assert branch_sites(model) == RESNET18_BRANCHES
+    # One in-block site per stage stands in every block of it, between its two convolutions.
+    tied = [site for site in iter_sites(model) if site.site_name == "in:layer2:conv1"]
+    assert len(tied) == 2 and all(site.tied for site in tied)
     assert model.conv1.in_channels == 1 and model.fc.out_features == 10
+
+
+@pytest.mark.slow
+def test_in_block_sites_per_call_or_none():
+    per_call = site_kinds(build_model("torchvision:resnet18", ModelShape(1, 10, 16), in_block="per-call"))
+    assert [s for s in per_call if s.startswith("in:")] == [
+        f"in:layer{stage}.{block}:conv1" for stage in (1, 2, 3, 4) for block in (0, 1)]
+    off = site_kinds(build_model("torchvision:resnet18", ModelShape(1, 10, 16), in_block="off"))
+    assert not any(s.startswith("in:") for s in off) and len(off) == 10
+
+
+@pytest.mark.slow
+def test_wide_resnet50_gets_two_in_block_sites_per_stage_and_a_branch_drop_per_block():
+    model = _build("torchvision:wide_resnet50_2", ModelShape(3, 10, 32))
+    assert list(site_kinds(model)) == WIDE_RESNET50_SITES
+    assert branch_sites(model) == {s for s in WIDE_RESNET50_SITES if s.startswith("after:layer")}
+
+
+def test_a_hand_written_wide_resnet_gets_its_in_block_sites_and_branch_drops():
+    model = _build(WRN, ModelShape(1, 10, 16), depth=16)
+    assert list(site_kinds(model)) == WRN16_SITES
+    # Its stages are a class of their own, repeated: the site after each stage (and its branch drop,
+    # on the stage's last block) stands for the stage; in-block sites are per stage of WideBasic blocks.
+    assert branch_sites(model) == {"after:block1", "after:block2", "after:block3"}
+    assert sum(site.site_name == "in:block2.layer:conv1" for site in iter_sites(model)) == 2
+    # Where the blocks have a dropout of their own, it is the in-block site.
+    with_dropout = site_kinds(_build(WRN, ModelShape(1, 10, 16), drop_rate=0.3))
+    assert [s for s in with_dropout if "dropout" in s] == ["F.dropout#1", "F.dropout#2", "F.dropout#3"]
+    assert not any(s.startswith("in:") for s in with_dropout)
 
 
 def test_untraceable_network_falls_back_to_hooks_and_says_so():
@@ -102,11 +149,13 @@ def test_untraceable_network_falls_back_to_hooks_and_says_so():
 
 
 def _site_records(model: torch.nn.Module, x: torch.Tensor, seed: int = 0):
-    """Run ``model`` in train mode; return its output and (site, input, output) per site call."""
+    """Run ``model`` in train mode; return its output and (site, is a branch drop, input, output)
+    per site call."""
     records = []
     handles = [
         site.register_forward_hook(
-            lambda module, args, out: records.append((module.site_name, args[0].detach().clone(), out.detach().clone()))
+            lambda module, args, out: records.append(
+                (module.site_name, isinstance(module, BranchDrop), args[0].detach().clone(), out.detach().clone()))
         )
         for site in iter_sites(model)
     ]
@@ -125,37 +174,42 @@ def _site_records(model: torch.nn.Module, x: torch.Tensor, seed: int = 0):
         (FORUM, ModelShape(1, 10, 16), {"width": 4}),
         (RESIDUAL, ModelShape(1, 10, 16), {}),
         pytest.param("torchvision:resnet18", ModelShape(1, 10, 16), {}, marks=pytest.mark.slow),
+        (WRN, ModelShape(1, 10, 16), {"depth": 16}),
         (BRANCHY, ModelShape(1, 10, 16), {}),
     ],
-    ids=["forum", "residual", "resnet18", "hooks"],
+    ids=["forum", "residual", "resnet18", "wrn", "hooks"],
 )
 def test_turning_one_site_on_changes_the_forward_pass_only_there(spec, shape, args):
     model = _build(spec, shape, **args)
     x = torch.randn(4, shape.channels, shape.image_size, shape.image_size, generator=torch.Generator().manual_seed(1))
     apply_placement(model, {})
     base_out, base = _site_records(model, x)
-    names = [name for name, _, _ in base]
-    assert names == list(site_kinds(model))  # each site runs once per forward pass, in forward order
-    for site_name in names:
-        apply_placement(model, {site_name: 0.5})
-        out, records = _site_records(model, x)
-        assert [name for name, _, _ in records] == names
-        at = names.index(site_name)
-        for i, ((name, inp, outp), (_, base_inp, _)) in enumerate(zip(records, base)):
-            if i <= at:  # nothing upstream of the site (nor its own input) changes
-                assert torch.equal(inp, base_inp), f"{site_name} on changed the input of {name}"
-            if name == site_name:
-                assert not torch.equal(outp, inp), f"{site_name} on did not drop anything"
-            else:
-                assert torch.equal(outp, inp), f"{name} acted while only {site_name} was on"
-        assert not torch.equal(out, base_out), f"{site_name} on did not change the output"
+    names = [name for name, _, _, _ in base]
+    # Each site runs in forward order: once, or once per block of its stage (an in-block site).
+    assert list(dict.fromkeys(names)) == list(site_kinds(model))
+    branches = branch_sites(model)
+    for site_name in site_kinds(model):
+        for kind in ("element", "branch") if site_name in branches else ("element",):
+            apply_placement(model, {site_name: 0.5}, {site_name: {"dropout": kind}})
+            out, records = _site_records(model, x)
+            assert [name for name, _, _, _ in records] == names
+            at = names.index(site_name)
+            for i, ((name, branch, inp, outp), (_, _, base_inp, _)) in enumerate(zip(records, base)):
+                if i <= at:  # nothing upstream of the site (nor its own input) changes
+                    assert torch.equal(inp, base_inp), f"{site_name} on changed the input of {name}"
+                if name == site_name and branch == (kind == "branch"):  # every copy of it drops
+                    assert not torch.equal(outp, inp), f"{site_name} ({kind}) on did not drop anything"
+                else:
+                    assert torch.equal(outp, inp), f"{name} acted while only {site_name} ({kind}) was on"
+            assert not torch.equal(out, base_out), f"{site_name} on did not change the output"
 
 
-@pytest.mark.parametrize("spec", [FORUM, RESIDUAL, BRANCHY], ids=["forum", "residual", "hooks"])
-def test_all_sites_off_computes_exactly_what_the_users_network_does(spec):
+@pytest.mark.parametrize("spec, args", [(FORUM, {}), (RESIDUAL, {}), (WRN, {"depth": 16}), (BRANCHY, {})],
+                         ids=["forum", "residual", "wrn", "hooks"])
+def test_all_sites_off_computes_exactly_what_the_users_network_does(spec, args):
     parsed = parse_model_spec(spec)
     torch.manual_seed(0)
-    built = build_user_model(parsed, {}, channels=1, n_classes=10, image_size=16)
+    built = build_user_model(parsed, args, channels=1, n_classes=10, image_size=16)
     original = copy.deepcopy(built.module).eval()
     example = torch.randn(2, 1, 16, 16)
     with warnings.catch_warnings():

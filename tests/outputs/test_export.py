@@ -25,7 +25,7 @@ spec = importlib.util.spec_from_file_location("winner", source)
 winner = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(winner)
 classes = [v for v in vars(winner).values() if isinstance(v, type) and issubclass(v, torch.nn.Module)]
-model = classes[0]()
+model = classes[-1]()  # the network's class comes last, after any helper layers the file defines
 model.load_state_dict(torch.load(weights, weights_only=True))
 model.eval()
 val = torch.load(tensors, weights_only=True)
@@ -325,3 +325,45 @@ def test_channel_dropout_before_batch_norm_is_exported_as_written(tmp_path, monk
     expected = model.train()(x)
     torch.manual_seed(0)
     assert torch.allclose(written.train()(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("in_block", ["per-stage", "per-call"])
+def test_exported_wide_resnet_with_in_block_and_branch_drop_reproduces_its_accuracy(in_block, val_tensors, tmp_path):
+    import torch
+
+    from autodrop.config import DataConfig, SearchConfig, TrainConfig
+    from autodrop.nets.build import ModelShape
+    from autodrop.outputs.export import ExportRecord, class_name_for, export_builtin
+    from autodrop.training.data import load_data
+    from autodrop.training.loop import evaluate
+    from autodrop.training.normaliser import Normaliser
+    from autodrop.training.placement import train_placement
+
+    config = SearchConfig(data=DataConfig(source="digits", image_size=16, train_per_class=30), model="wrn",
+                          model_args={"depth": 16, "width": 1}, in_block=in_block,
+                          train=TrainConfig(epochs=2, batch_size=64, device="cpu"))
+    data = load_data(config.data)
+    normaliser = Normaliser(data.train_images)
+    inner = "in:stage2:conv1" if in_block == "per-stage" else "in:block2.2:conv1"
+    placement = {inner: 0.3, "block3.1": 0.2, "block1.2": 0.1}
+    variants = {inner: {"dropout": "element"}, "block3.1": {"dropout": "branch"}, "block1.2": {"dropout": "branch"}}
+    metrics, model = train_placement(config, data, normaliser, placement, variants, seed=3, device=torch.device("cpu"))
+    shape = ModelShape(data.channels, data.n_classes, data.image_size)
+    from autodrop.nets.sites import site_kinds
+
+    sites = site_kinds(model)
+    record = ExportRecord(
+        study_name="s", number=0, config=config, shape=shape, classes=data.classes, data_name="digits", sites=sites,
+        placement={site: placement.get(site) for site in sites}, variants=variants,
+        val_accuracy=metrics.val_accuracy, train_accuracy=metrics.train_accuracy, seed=3,
+        scaling=(normaliser.scale.flatten().tolist(), normaliser.shift.flatten().tolist()),
+    )
+    source, _ = export_builtin(record, class_name_for("wrn"))
+    assert "class DropPath(nn.Module):" in source and "class Residual(nn.Module):" in source
+    assert source.count("DropPath(p=") == 2 and "('drop', nn.Dropout(p=0.3))" in source
+    out, weights = tmp_path / "wrn.py", tmp_path / "wrn.pt"
+    out.write_text(source)
+    torch.save(model.state_dict(), weights)
+    measured = evaluate_outside(out, weights, val_tensors, tmp_path)
+    _, accuracy = evaluate(model, data.val_images, data.val_labels, normaliser, torch.device("cpu"))
+    assert measured["correct"] / measured["n"] == accuracy == metrics.val_accuracy
