@@ -257,21 +257,9 @@ class PackedBranchDrop(nn.Module):
         return f"{self.site_name!r}, residual branch, rates={[round(r, 4) for r in self.rates]}"
 
 
-class PackedResidual(nn.Module):
-    """K residual blocks on packed maps: each part packed as a flat model's layers are."""
-
-    def __init__(self, pre: nn.Sequential, branch: nn.Sequential, shortcut: nn.Sequential | None,
-                 drop: PackedBranchDrop) -> None:
-        super().__init__()
-        self.pre = pre
-        self.branch = branch
-        self.shortcut = shortcut
-        self.drop = drop
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        activated = self.pre(x)
-        shortcut = x if self.shortcut is None else self.shortcut(activated)
-        return self.drop(self.branch(activated)) + shortcut
+class PackedResidual(Residual):
+    """K residual blocks on packed maps: each part packed as a flat model's layers are, the drop a
+    :class:`PackedBranchDrop`."""
 
 
 class _Softmax(nn.Module):

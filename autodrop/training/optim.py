@@ -74,15 +74,10 @@ class Adam:
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor | None] | None = None) -> None:
         """Update every tensor from ``grads`` (default: each tensor's ``.grad``); None skips one."""
-        grads = [p.grad for p in self.params] if grads is None else list(grads)
-        chosen = [i for i, g in enumerate(grads) if g is not None]
-        if not chosen:
+        present = _with_gradients(self.params, grads, self.exp_avg, self.exp_avg_sq, self.steps)
+        if present is None:
             return
-        params = [self.params[i] for i in chosen]
-        g = [grads[i] for i in chosen]
-        m = [self.exp_avg[i] for i in chosen]
-        v = [self.exp_avg_sq[i] for i in chosen]
-        steps = [self.steps[i] for i in chosen]
+        params, g, m, v, steps = present
         beta1, beta2 = self.betas
         if self.fused:
             torch._foreach_add_(steps, 1)
@@ -136,14 +131,11 @@ class SGD:
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor | None] | None = None) -> None:
         """Update every tensor from ``grads`` (default: each tensor's ``.grad``); None skips one."""
-        grads = [p.grad for p in self.params] if grads is None else list(grads)
-        chosen = [i for i, g in enumerate(grads) if g is not None]
-        if not chosen:
+        present = _with_gradients(self.params, grads, self.buffers, self.steps)
+        if present is None:
             return
-        params = [self.params[i] for i in chosen]
-        g = [grads[i] for i in chosen]
-        buffers = [self.buffers[i] for i in chosen]
-        torch._foreach_add_([self.steps[i] for i in chosen], 1)
+        params, g, buffers, steps = present
+        torch._foreach_add_(steps, 1)
         if self.weight_decay:
             torch._foreach_mul_(params, 1.0 - self.lr * self.weight_decay)
         torch._foreach_mul_(buffers, self.momentum)
@@ -167,6 +159,17 @@ class SGD:
 
 
 Optimizer = Adam | SGD
+
+
+def _with_gradients(params: list[torch.Tensor], grads: Sequence[torch.Tensor | None] | None,
+                    *per_param: list[torch.Tensor]) -> list[list[torch.Tensor]] | None:
+    """Return params, their gradients and each ``per_param`` list, only where there is a gradient
+    (default: each tensor's ``.grad``); None when no tensor has one."""
+    grads = [p.grad for p in params] if grads is None else list(grads)
+    chosen = [i for i, g in enumerate(grads) if g is not None]
+    if not chosen:
+        return None
+    return [[tensors[i] for i in chosen] for tensors in (params, grads, *per_param)]
 
 
 def _load(state: dict[str, Any], targets: dict[str, list[torch.Tensor]]) -> None:

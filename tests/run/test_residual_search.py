@@ -43,3 +43,26 @@ def test_settings_that_find_nothing_in_the_model_are_stored_as_off(tmp_path):
     # existed stored exactly this, so it resumes with the defaults.
     assert stored["in-block"] == "off" and stored["kinds"] == ["element", "channel"]
     autodrop.search(**{**options, "in_block": "per-call", "trials": 2})
+
+
+def test_the_readme_residual_search_runs_and_answers_with_the_literature_recipes(tmp_path, monkeypatch):
+    import re
+    import shlex
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from autodrop.cli import main
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    command = re.search(r"^\$ (autodrop search --data digits --model wrn\b.*)$", readme, flags=re.M)
+    assert command, "the README shows a search on the built-in residual model"
+    monkeypatch.chdir(tmp_path)
+    # The README's command, shortened (later options win): a narrow network, little data, 1 epoch.
+    args = shlex.split(command.group(1))[1:] + [
+        "--trials", "7", "--epochs", "1", "--train-per-class", "10", "--model-arg", "width=1", "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0] for line in result.output.splitlines() if line.startswith("  ")}
+    assert {"wrn", "stochastic-depth", "none"} <= rows
+    assert "in:stage1:conv1" in result.output
