@@ -26,8 +26,8 @@ from autodrop.outputs.files import check_writable, write_text
 from autodrop.run.artifacts import artifact_dir as artifact_folder
 from autodrop.run.artifacts import load_weights, open_artifact_store, read_normaliser
 from autodrop.run.records import StudyRecord, best_trial, describe_placement, read_study, read_trial
-from autodrop.run.trust import check_same_data, data_record, needs_model, trusted_config
 from autodrop.run.storage import open_existing_study
+from autodrop.run.trust import check_same_data, data_record, needs_model, trusted_config
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
