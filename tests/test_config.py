@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
         ({"epochs": "five"}, "epochs must be a whole number, but got 'five'"),
         ({"seed": -1}, "--seed must be between 0 and 4294967295, but got -1"),
         ({"seed": 2**32}, "--seed must be between 0 and 4294967295, but got 4294967296"),
-        ({"kinds": 5}, "--kinds must be a comma-separated list of element, channel, but got 5"),
+        ({"kinds": 5}, "--kinds must be a comma-separated list of element, channel, branch, but got 5"),
         ({"orders": True}, "--slots must be a comma-separated list of after-act, before-bn, but got True"),
         ({"model-args": {"class": 3}},
          "--model-arg names must be Python identifiers other than keywords, but got 'class'"),

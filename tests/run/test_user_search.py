@@ -58,7 +58,8 @@ def test_search_on_a_residual_network_with_functional_activations(tmp_path):
 def test_search_on_torchvision_resnet18(tmp_path):
     result = _search(tmp_path, "torchvision:resnet18", trials=2)
     assert list(result.sites)[0] == "after:conv1" and list(result.sites)[-1] == "before:fc"
-    assert len(result.sites) == 10
+    # After the stem, one tied site inside each of the 4 stages, after each of the 8 blocks, before fc.
+    assert len(result.sites) == 14 and "in:layer3:conv1" in result.sites
     assert result.n_complete == 2
 
 
