@@ -25,9 +25,17 @@ from autodrop.outputs import written_layers
 from autodrop.outputs.files import check_writable, write_text
 from autodrop.run.artifacts import artifact_dir as artifact_folder
 from autodrop.run.artifacts import load_weights, open_artifact_store, read_normaliser
-from autodrop.run.records import StudyRecord, best_trial, describe_placement, read_study, read_trial
-from autodrop.run.trust import check_same_data, data_record, needs_model, trusted_config
+from autodrop.run.records import (
+    StudyRecord,
+    best_trial,
+    describe_placement,
+    read_study,
+    read_trial,
+    read_trials,
+    shown_text,
+)
 from autodrop.run.storage import open_existing_study
+from autodrop.run.trust import check_same_data, data_record, needs_model, trusted_config
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -194,8 +202,11 @@ def choose_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
         if not complete:
             raise StorageError(f"study {study.study_name!r} has no completed trial yet; there is nothing to export.")
         record = read_study(study)
-        best = best_trial(read_trial(record, t) for t in complete)
-        assert best is not None
+        # A completed trial holding values autodrop does not write is left out (read_trials warns).
+        best = best_trial(read_trials(study, record, complete))
+        if best is None:
+            raise StorageError(f"study {shown_text(study.study_name)} has no completed trial that autodrop wrote; "
+                               "there is nothing to export.")
         return next(t for t in complete if t.number == best.number)
     chosen = next((t for t in trials if t.number == number), None)
     if chosen is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any, Iterable, Mapping
@@ -28,7 +29,7 @@ from typing import Any, Iterable, Mapping
 from optuna.trial import FrozenTrial, TrialState
 
 from autodrop.config import DROPOUT_KINDS, SLOTS, SearchConfig, config_from_options, config_to_options, option_name
-from autodrop.errors import AutodropError, StorageError
+from autodrop.errors import AutodropError, AutodropWarning, StorageError
 
 # --- study user attributes ----------------------------------------------------------------------
 SETTINGS_KEY = "autodrop.config"
@@ -93,6 +94,7 @@ UUID = re.compile(r"[0-9a-f]{32}")
 ARTIFACT_ID = re.compile(r"[0-9a-fA-F-]{8,64}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 CHECKPOINT_NAME = re.compile(r"trial-[0-9]{1,12}\.pt")
+SEED_LIMIT = 2**63  # seeds lie in 0..SEED_LIMIT-1: what torch's generators take, and far above any autodrop draws
 STATE_WORDS = {
     TrialState.COMPLETE: "complete",
     TrialState.PRUNED: "pruned",
@@ -306,23 +308,33 @@ def _read_data(study: Any, config: SearchConfig) -> DataRecord:
 
 
 def read_trials(study: Any, record: StudyRecord, trials: Iterable[FrozenTrial] | None = None) -> list[TrialRecord]:
-    """Return every trial of ``study`` (or ``trials`` of it) as a checked record."""
+    """Return every trial of ``study`` (or ``trials`` of it) as a checked record, leaving out (with
+    one warning that counts them) trials holding values autodrop does not write."""
     if trials is None:
         trials = study.get_trials(deepcopy=False)
-    return [read_trial(record, t) for t in trials]
+    # One edited trial (a queued trial anyone may add, a value changed by hand) must not take the
+    # whole study's report, export or confirmation down with it: the others are still autodrop's.
+    read: list[TrialRecord] = []
+    skipped: list[StorageError] = []
+    for trial in trials:
+        try:
+            read.append(read_trial(record, trial))
+        except StorageError as e:
+            skipped.append(e)
+    if skipped:
+        warnings.warn(
+            f"{len(skipped)} trial(s) of study {shown_text(record.name)} hold values autodrop does not write and "
+            f"are left out ({skipped[0]}{' ...' if len(skipped) > 1 else ''})",
+            AutodropWarning,
+            stacklevel=2,
+        )
+    return read
 
 
 def read_trial(record: StudyRecord, trial: FrozenTrial) -> TrialRecord:
     """Return one trial as a checked record; raise StorageError for values autodrop does not write."""
-    where = f"trial {trial.number} of study {record.name!r}"
-    sites = list(record.sites)
-    params = trial.params
-    allowed = set(sites) | {param(s) for s in sites for param in (rate_param, dropout_param, slot_param)}
-    extra = sorted(set(params) - allowed)
-    if extra:
-        raise StorageError(f"{where} has parameters that are not drop sites: {extra}.")
-    placement = placement_from_params(params, sites, record.config.rate_range, where=where)
-    variants = variants_from_params(params, sites, where=where)
+    where = f"trial {trial.number} of study {shown_text(record.name)}"
+    placement, variants = check_params(trial.params, list(record.sites), record.config.rate_range, where=where)
     curve: dict[int, float] = {}
     for step, value in trial.intermediate_values.items():
         if not (_is_int(step) and _is_accuracy(value)):
@@ -340,8 +352,8 @@ def read_trial(record: StudyRecord, trial: FrozenTrial) -> TrialRecord:
     if baseline is not None and not (isinstance(baseline, str) and BASELINE_NAME.fullmatch(baseline)):
         raise StorageError(f"{where} has a baseline name autodrop does not write: {baseline!r}.")
     seed = attrs.get(SEED)
-    if seed is not None and not (_is_int(seed) and 0 <= seed < 2**63):
-        raise StorageError(f"{where} has a seed autodrop does not write: {seed!r}.")
+    if seed is not None and not is_seed(seed):
+        raise StorageError(f"{where} has a seed autodrop does not write: {shown(seed)}.")
     checkpoint = attrs.get(CHECKPOINT)
     if checkpoint is not None and not (isinstance(checkpoint, str) and CHECKPOINT_NAME.fullmatch(PurePath(checkpoint).name)
                                        and PurePath(checkpoint).is_absolute() and ".." not in PurePath(checkpoint).parts):
@@ -361,6 +373,58 @@ def read_trial(record: StudyRecord, trial: FrozenTrial) -> TrialRecord:
     )
 
 
+def check_params(
+    params: Any, sites: list[str], rate_range: tuple[float, float], *, where: str = "a trial"
+) -> tuple[Placement, Variants]:
+    """Return the placement and variants ``params`` (a trial's, or those queued for it) encode;
+    raise StorageError for a name that is not a site's parameter or a value autodrop would not ask for."""
+    if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
+        raise StorageError(f"{where} has parameters that are not a mapping of names to values: {shown(params)}.")
+    allowed = set(sites) | {param(s) for s in sites for param in (rate_param, dropout_param, slot_param)}
+    extra = sorted(set(params) - allowed)
+    if extra:
+        raise StorageError(f"{where} has parameters that are not drop sites: {shown(extra)}.")
+    return (placement_from_params(params, sites, rate_range, where=where),
+            variants_from_params(params, sites, where=where))
+
+
+def check_queued_params(params: Any, sites: list[str], rate_range: tuple[float, float], *, where: str) -> None:
+    """Raise StorageError unless ``params``, the values queued for a trial that has not run yet
+    (each optional: what is missing is sampled), are ones autodrop would ask for itself."""
+    if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
+        raise StorageError(f"{where} has parameters that are not a mapping of names to values: {shown(params)}.")
+    low, high = rate_range
+    allowed: dict[str, Any] = {}
+    for site in sites:
+        allowed[site] = lambda v: v in (OFF, ON)
+        allowed[rate_param(site)] = lambda v: _is_number(v) and 0.0 <= v < 1.0 and low - 1e-9 <= v <= high + 1e-9
+        allowed[dropout_param(site)] = lambda v: v in DROPOUT_KINDS
+        allowed[slot_param(site)] = lambda v: v in SLOTS
+    for name, value in params.items():
+        if name not in allowed:
+            raise StorageError(f"{where} has a parameter that is not a drop site's: {shown(name)}.")
+        if not (isinstance(value, (str, int, float)) and allowed[name](value)):
+            raise StorageError(f"{where} has parameter {shown(name)}={shown(value)}, which is not one autodrop asks for "
+                               f"(rates lie in {low}..{high}).")
+
+
+def is_seed(value: Any) -> bool:
+    """Whether ``value`` is a seed autodrop would write: a whole number in 0..SEED_LIMIT-1."""
+    return _is_int(value) and 0 <= value < SEED_LIMIT
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """Return ``value``'s repr for a message, cut at ``limit`` characters: a stored value may be huge."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown_text(value: Any, limit: int = 80) -> str:
+    """Return a stored name as a message shows it: quoted and escaped (repr), so that control
+    characters (ANSI escapes, carriage returns) reach no terminal, and cut at ``limit``."""
+    return shown(str(value), limit)
+
+
 def placement_from_params(
     params: Mapping[str, Any], sites: list[str], rate_range: tuple[float, float] = (0.0, 1.0), *, where: str = "a trial"
 ) -> Placement:
@@ -376,7 +440,7 @@ def placement_from_params(
         if state != ON or not _is_number(rate) or not 0.0 <= rate < 1.0 or not low - 1e-9 <= rate <= high + 1e-9:
             raise StorageError(
                 f"{where} has stored parameters for site {site!r} that are not a placement autodrop writes "
-                f"({site}={state!r}, {rate_param(site)}={rate!r}; rates lie in {low}..{high})."
+                f"({site}={shown(state)}, {rate_param(site)}={shown(rate)}; rates lie in {low}..{high})."
             )
         placement[site] = float(rate)
     return placement
@@ -389,9 +453,9 @@ def variants_from_params(params: Mapping[str, Any], sites: list[str], *, where: 
         variant = {}
         for key, param, allowed in (("dropout", dropout_param(site), DROPOUT_KINDS), ("slot", slot_param(site), SLOTS)):
             if param in params:
-                if params[param] not in allowed:
+                if not isinstance(params[param], str) or params[param] not in allowed:
                     raise StorageError(
-                        f"{where} has stored parameter {param}={params[param]!r}, which is not one autodrop writes "
+                        f"{where} has stored parameter {param}={shown(params[param])}, which is not one autodrop writes "
                         f"(expected one of {', '.join(allowed)})."
                     )
                 variant[key] = params[param]
