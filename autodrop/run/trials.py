@@ -85,7 +85,9 @@ class StudyTrials(TrialRunner):
             self.trainer = SoloTrainer(self.data, self.normaliser, config.train, device=device)
         self.capacity, self.packed = self.trainer.capacity, self.trainer.packed
         self.members: dict[int, TrialSetup] = {}  # by trial number, which is each member's tag
-        self.ended_checkpoints: dict[int, TrialCheckpoint] = {}  # of trials about to be told how they ended
+        # By trial number, until this worker tells the trial how it ended (then the file goes) or
+        # queues it again (then its retry resumes from the file).
+        self.checkpoints: dict[int, TrialCheckpoint] = {}
         self.joining: list[Member] = []
         self.leaving: list[int] = []
         self.consecutive_failures = 0
@@ -123,6 +125,7 @@ class StudyTrials(TrialRunner):
             placement_key=records.placement_key(setup.placement, setup.variants), seed=setup.seed,
             epochs=self.epochs, device=self.device,
         )
+        self.checkpoints[trial.number] = setup.checkpoint
         resume = setup.checkpoint.resume
         self.trainer.update(self.leaving, [Member(trial.number, setup.model, setup.seed, resume)])
         self.leaving = []
@@ -158,8 +161,9 @@ class StudyTrials(TrialRunner):
         self.joining = joining
 
     def after(self, trial: optuna.trial.FrozenTrial) -> None:
-        # Only an interrupted or dead worker's trial is retried; every other outcome is final.
-        checkpoint = self.ended_checkpoints.pop(trial.number, None)
+        # Only an interrupted or dead worker's trial is retried; every other outcome, a failure
+        # included, is final: its checkpoint goes, so no later trial ever finds it.
+        checkpoint = self.checkpoints.pop(trial.number, None)
         if checkpoint is not None:
             checkpoint.remove()
         if trial.state in FINISHED_STATES:
@@ -241,8 +245,6 @@ class StudyTrials(TrialRunner):
             # (and its checkpoint, which the retry resumes from).
             self.forget(setup.trial)
             return Outcome(optuna.trial.TrialState.FAIL, error=e)
-        if setup.checkpoint is not None:
-            self.ended_checkpoints[number] = setup.checkpoint
         self.forget(setup.trial)
         return outcome
 
