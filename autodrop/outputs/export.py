@@ -34,7 +34,7 @@ from autodrop.run.records import (
     read_trials,
     shown_text,
 )
-from autodrop.run.storage import open_existing_study
+from autodrop.run.storage import open_existing_study, storage_errors
 from autodrop.run.trust import check_same_data, data_record, needs_model, trusted_config
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -97,6 +97,7 @@ class ExportResult:
 Exporter = Callable[[ExportRecord, str], "tuple[str, nn.Module]"]
 
 
+@storage_errors
 def export_model(
     study: str | None = None,
     storage: str | None = None,

@@ -20,7 +20,7 @@ from autodrop.outputs.files import check_writable, write_text
 from autodrop.outputs.results import SearchResult, TrialSummary, summarize_study
 from autodrop.outputs.text import format_result, site_story
 from autodrop.run.records import read_study
-from autodrop.run.storage import open_existing_study, safe_url
+from autodrop.run.storage import open_existing_study, safe_url, storage_errors
 from autodrop.run.trust import needs_model, trusted_config
 from autodrop.run.study import count_finished
 
@@ -40,6 +40,7 @@ class Report:
     html_path: Path | None
 
 
+@storage_errors
 def make_report(
     study: str | None = None, storage: str | None = None, *, html_path: str | os.PathLike[str] | None = None,
     model: str | None = None,

@@ -94,6 +94,10 @@ UUID = re.compile(r"[0-9a-f]{32}")
 ARTIFACT_ID = re.compile(r"[0-9a-fA-F-]{8,64}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 CHECKPOINT_NAME = re.compile(r"trial-[0-9]{1,12}\.pt")
+# Confirmation seeds: CONFIRM_SEED_BASE + i for the i-th run of a placement (never a search's trial
+# seed), at most MAX_CONFIRM_RUNS of them; a stored run outside that range is not autodrop's.
+CONFIRM_SEED_BASE = 900_000_000
+MAX_CONFIRM_RUNS = 1000
 SEED_LIMIT = 2**63  # seeds lie in 0..SEED_LIMIT-1: what torch's generators take, and far above any autodrop draws
 STATE_WORDS = {
     TrialState.COMPLETE: "complete",
@@ -264,9 +268,7 @@ def read_study(study: Any) -> StudyRecord:
         and all(isinstance(s, str) and SITE_NAME.fullmatch(s) and k in SITE_KINDS for s, k in sites.items())
     ):
         raise StorageError(f"study {name!r} holds drop sites autodrop does not write ({SITES_KEY}={sites!r}).")
-    confirmation = study.user_attrs.get(CONFIRMATION_KEY)
-    if confirmation is not None and not isinstance(confirmation, dict):
-        raise StorageError(f"study {name!r} holds a confirmation autodrop does not write.")
+    confirmation = read_confirmation(study.user_attrs.get(CONFIRMATION_KEY), name)
     uuid = study.user_attrs.get(UUID_KEY)
     if uuid is not None and not (isinstance(uuid, str) and UUID.fullmatch(uuid)):
         raise StorageError(f"study {name!r} holds an identity autodrop does not write ({UUID_KEY}={uuid!r}).")
@@ -476,6 +478,75 @@ def _is_accuracy(value: Any) -> bool:
     return _is_number(value) and 0.0 <= value <= 1.0
 
 
+def _is_confirm_seed(value: Any) -> bool:
+    return _is_int(value) and CONFIRM_SEED_BASE <= value < CONFIRM_SEED_BASE + MAX_CONFIRM_RUNS
+
+
+def _is_float(value: Any) -> bool:
+    # A statistic of few runs may be infinite or undefined (NaN): still a number confirm writes.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_label(value: Any, limit: int = 2000) -> bool:
+    return isinstance(value, str) and len(value) <= limit
+
+
+def _is_comparison(value: Any) -> bool:
+    if value is None:
+        return True
+    return (
+        isinstance(value, dict)
+        and set(value) == {"winner", "reference", "n_seeds", "mean_difference", "ci_low", "ci_high", "level",
+                           "p_value", "significant"}
+        and _is_label(value["winner"], 200) and _is_label(value["reference"], 200)
+        and _is_int(value["n_seeds"]) and 0 <= value["n_seeds"] <= MAX_CONFIRM_RUNS
+        and all(_is_float(value[k]) for k in ("mean_difference", "ci_low", "ci_high", "level"))
+        and (value["p_value"] is None or _is_float(value["p_value"]))
+        and isinstance(value["significant"], bool)
+    )
+
+
+def _is_candidate(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and set(value) == {"label", "trial", "baseline", "description", "seeds", "accuracies", "gaps", "mean",
+                           "ci_low", "ci_high", "mean_gap"}
+        and _is_label(value["label"], 200) and _is_int(value["trial"]) and value["trial"] >= 0
+        and (value["baseline"] is None or (isinstance(value["baseline"], str)
+                                           and BASELINE_NAME.fullmatch(value["baseline"]) is not None))
+        and _is_label(value["description"])
+        and isinstance(value["seeds"], list) and len(value["seeds"]) <= MAX_CONFIRM_RUNS
+        and all(_is_confirm_seed(s) for s in value["seeds"])
+        and isinstance(value["accuracies"], list) and len(value["accuracies"]) == len(value["seeds"])
+        and all(_is_accuracy(a) for a in value["accuracies"])
+        and isinstance(value["gaps"], list) and len(value["gaps"]) == len(value["seeds"])
+        and all(_is_number(g) and -1.0 <= g <= 1.0 for g in value["gaps"])
+        and all(_is_float(value[k]) for k in ("mean", "ci_low", "ci_high", "mean_gap"))
+    )
+
+
+def read_confirmation(value: Any, study_name: str) -> dict[str, Any] | None:
+    """Return the confirmation ``autodrop confirm`` stored (``value``), checked; None when there is
+    none, or (with a warning) when it is not what confirm writes: a report still answers without it."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, dict)
+        and set(value) == {"seeds", "candidates", "comparison", "against_best_baseline", "stopped", "verdict"}
+        and isinstance(value["seeds"], list) and len(value["seeds"]) <= MAX_CONFIRM_RUNS
+        and all(_is_confirm_seed(s) for s in value["seeds"])
+        and isinstance(value["candidates"], list) and 0 < len(value["candidates"]) <= 100
+        and all(_is_candidate(c) for c in value["candidates"])
+        and _is_comparison(value["comparison"]) and _is_comparison(value["against_best_baseline"])
+        and value["stopped"] in ("fixed", "decided", "settled", "cap")
+        and _is_label(value["verdict"])
+    ):
+        return value
+    warnings.warn(f"study {shown_text(study_name)} holds a confirmation autodrop confirm does not write "
+                  f"({CONFIRMATION_KEY}); it is left out: run autodrop confirm again.", AutodropWarning, stacklevel=3)
+    return None
+
+
 def read_confirmation_runs(study: Any) -> dict[str, dict[str, list[float]]]:
     """Return the confirmation runs stored with the study, checked (placement key -> seed -> [val
     accuracy, gap]); an entry autodrop would not write is refused."""
@@ -490,8 +561,13 @@ def read_confirmation_runs(study: Any) -> dict[str, dict[str, list[float]]]:
     for key, by_seed in stored.items():
         if not (isinstance(key, str) and isinstance(by_seed, dict)):
             raise bad
+        if len(by_seed) > MAX_CONFIRM_RUNS:
+            raise bad
         for seed, figures in by_seed.items():
-            if not (isinstance(seed, str) and seed.isdigit() and isinstance(figures, list) and len(figures) == 2
+            # The seed is a key: canonical decimal digits of a confirmation seed, nothing else.
+            if not (isinstance(seed, str) and seed.isascii() and seed.isdigit() and len(seed) <= 20
+                    and str(int(seed)) == seed and _is_confirm_seed(int(seed))
+                    and isinstance(figures, list) and len(figures) == 2
                     and _is_accuracy(figures[0]) and _is_number(figures[1]) and -1.0 <= figures[1] <= 1.0):
                 raise bad
         runs[key] = {seed: [float(f) for f in figures] for seed, figures in by_seed.items()}

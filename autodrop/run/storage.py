@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import optuna
 
@@ -206,3 +207,33 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
         return True
     return isinstance(error, sqlalchemy.exc.DBAPIError) and bool(error.connection_invalidated)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def storage_errors(function: _F) -> _F:
+    """Make ``function``, a command that reads a study, raise StorageError (one line) where the
+    database fails under it (a dropped connection, a locked file, a schema it does not know),
+    instead of the driver's traceback."""
+
+    @functools.wraps(function)
+    def reading(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except Exception as e:
+            if not is_storage_failure(e):
+                raise
+            # The first line only: the driver's later lines quote the statement and its values.
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = "".join(c if c.isprintable() else "?" for c in text)[:300]
+            raise StorageError(f"the study's storage failed while it was read: {reason}") from e
+
+    return reading  # type: ignore[return-value]
+
+
+def is_storage_failure(error: BaseException) -> bool:
+    """Whether ``error`` comes from the database under a study (any SQLAlchemy or Optuna storage error)."""
+    import sqlalchemy.exc
+
+    return isinstance(error, (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError))

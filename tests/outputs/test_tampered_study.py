@@ -191,3 +191,60 @@ def test_an_uploaded_file_named_like_weights_is_never_taken_for_a_trials_weights
     assert result.exit_code == 0, result.output
     assert "retrained it with its seed" in result.output  # the uploaded file was not used
     assert "planted" not in torch.load(tmp_path / "w.pt", weights_only=True)
+
+
+GOOD_CANDIDATE = {"label": "none", "trial": 0, "baseline": "none", "description": "no dropout",
+                  "seeds": [900_000_000, 900_000_001], "accuracies": [0.5, 0.6], "gaps": [0.0, 0.1], "mean": 0.55,
+                  "ci_low": 0.4, "ci_high": 0.7, "mean_gap": 0.05}
+GOOD_CONFIRMATION = {"seeds": [900_000_000, 900_000_001], "candidates": [GOOD_CANDIDATE], "comparison": None,
+                     "against_best_baseline": None, "stopped": "fixed", "verdict": "a verdict"}
+
+
+@pytest.mark.parametrize("confirmation", [
+    {"candidates": 5},
+    {**GOOD_CONFIRMATION, "candidates": [{**GOOD_CANDIDATE, "seeds": [5, 2**80]}]},
+    {**GOOD_CONFIRMATION, "candidates": [{**GOOD_CANDIDATE, "ci_low": "x"}]},
+    {**GOOD_CONFIRMATION, "comparison": {"winner": 1}},
+    {**GOOD_CONFIRMATION, "verdict": None},
+])
+def test_a_confirmation_autodrop_does_not_write_is_left_out_and_the_report_answers(tiny_study, tmp_path,
+                                                                                   confirmation):
+    copy = tiny_study.copy_to(tmp_path / "study")
+    copy.load().set_user_attr(records.CONFIRMATION_KEY, confirmation)
+    result = CliRunner().invoke(main, ["report", "--storage", copy.url])
+    assert result.exit_code == 0, result.output
+    assert "confirmation autodrop confirm does not write" in result.output and "Confirmation (" not in result.output
+    copy.load().set_user_attr(records.CONFIRMATION_KEY, GOOD_CONFIRMATION)  # what confirm writes is shown
+    shown = CliRunner().invoke(main, ["report", "--storage", copy.url])
+    assert shown.exit_code == 0 and "Confirmation (2 fresh seeds" in shown.output, shown.output
+
+
+@pytest.mark.parametrize("by_seed", [{"5": [0.5, 0.0]}, {"٩٠٠٠٠٠٠٠٠": [0.5, 0.0]}, {"0900000000": [0.5, 0.0]},
+                                     {str(10**30): [0.5, 0.0]}])
+def test_confirmation_runs_under_seeds_confirm_never_uses_are_refused(tiny_study, tmp_path, by_seed):
+    from autodrop.errors import StorageError
+
+    study = tiny_study.copy_to(tmp_path / "study").load()
+    study.set_user_attr(records.CONFIRMATION_RUNS_KEY, {"none": by_seed})
+    with pytest.raises(StorageError, match="confirmation runs"):
+        records.read_confirmation_runs(study)
+
+
+def test_a_storage_that_fails_while_it_is_read_is_a_one_line_error(tiny_study, tmp_path, monkeypatch):
+    import optuna
+    import sqlalchemy.exc
+
+    copy = tiny_study.copy_to(tmp_path / "study")
+
+    def connection_dropped(self, *args, **kwargs):
+        raise sqlalchemy.exc.OperationalError("SELECT ...", {"secret": 1}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "get_study_user_attrs", connection_dropped)
+    for args in (["report", "--storage", copy.url],
+                 ["export", "--storage", copy.url, "--out", str(tmp_path / "w.py")],
+                 ["confirm", "--storage", copy.url, "--seeds", "2", "--quiet"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("Error: the study's storage failed while it was read: ")
+        assert "server closed the connection" in result.output
+        assert len(result.output.strip().splitlines()) == 1 and "secret" not in result.output
