@@ -57,11 +57,22 @@ class UserInputError(click.ClickException):
 
     exit_code = 2
 
+    def __init__(self, message: str) -> None:
+        # The message may quote a study's stored text: no control character reaches the terminal,
+        # and a newline in it would break the promise of one line.
+        super().__init__(_printable(message.replace("\n", " ")))
+
+
+def _printable(text: Any) -> str:
+    from autodrop.outputs.text import printable
+
+    return printable(text)
+
 
 def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
                   line: str | None = None) -> None:
     if issubclass(category, AutodropWarning):
-        click.echo(f"Warning: {message}", err=True)
+        click.echo(_printable(f"Warning: {message}"), err=True)
     else:
         _default_showwarning(message, category, filename, lineno, file, line)
 
@@ -271,7 +282,7 @@ def export(study: str | None, storage: str | None, trial: int | None, out: str, 
                               device=device, model=model, data=data)
     except AutodropError as e:
         raise UserInputError(str(e)) from e
-    click.echo(result.describe())
+    click.echo(_printable(result.describe()))
 
 
 @main.command()
@@ -293,7 +304,7 @@ def confirm(study_name: str | None, storage: str | None, seeds: int | None, max_
 
     def on_run(label: str, seed_index: int) -> None:
         if not quiet:
-            click.echo(f"  training {label}, seed {seed_index + 1}", err=True)
+            click.echo(_printable(f"  training {label}, seed {seed_index + 1}"), err=True)
 
     try:
         from autodrop.run.confirm import confirm_study

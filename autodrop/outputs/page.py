@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,7 @@ def render_html(result: SearchResult, *, network_model: str | None = None) -> st
         curves=blocks["curves"],
         parallel=blocks["parallel"],
         text=_e(format_result(result)),
-        study_arg=_e(_shell_word(name) + _storage_arg(result.storage_url)),
+        study_arg=_e(_study_word(name) + _storage_arg(result.storage_url)),
         version=_e(__version__),
     )
 
@@ -167,6 +168,12 @@ def _shell_word(text: str) -> str:
     import shlex
 
     return shlex.quote(text)
+
+
+def _study_word(name: str) -> str:
+    """Return the study's name for the footer's commands, or a placeholder: the name is read from
+    storage, and a command to copy is never built from text anyone could have stored."""
+    return name if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name) else "NAME"
 
 
 def _storage_arg(url: str) -> str:

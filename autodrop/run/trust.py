@@ -15,9 +15,9 @@ import dataclasses
 
 from typing import TYPE_CHECKING
 
-from autodrop.config import BUILTIN_DATASETS, SearchConfig, absolute_model_spec, is_user_model, model_label
+from autodrop.config import BUILTIN_DATASETS, SearchConfig, absolute_model_spec, is_user_model
 from autodrop.errors import StorageError
-from autodrop.run.records import DataRecord, StudyRecord
+from autodrop.run.records import DataRecord, StudyRecord, shown_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from autodrop.training.data import ImageData
@@ -35,20 +35,23 @@ def trusted_config(record: StudyRecord, *, model: str | None = None, data: str |
     config = record.config
     if needs_model(record):
         if model is None:
+            # The stored spec is shown as a quoted value, never as a command to copy: anyone who can
+            # write to the study chose it.
             raise StorageError(
-                f"study {record.name!r} was searched with your own model {model_label(config.model)}; autodrop does "
-                f"not import code a study names: pass --model {config.model} to rebuild it (name the model only if "
-                "you trust that file or module)."
+                f"study {shown_text(record.name)} was searched with a model of your own (it records "
+                f"{shown_text(config.model, 200)}); autodrop does not import code a study names: name the model "
+                "again with --model, and only if you trust that file or module."
             )
         if absolute_model_spec(model) != config.model:
             raise StorageError(
-                f"study {record.name!r} records the model {config.model!r}, not {absolute_model_spec(model)!r}; "
-                "--model must name the model the study was searched with."
+                f"study {shown_text(record.name)} records the model {shown_text(config.model, 200)}, not "
+                f"{absolute_model_spec(model)!r}; --model must name the model the study was searched with."
             )
     if need_data and config.data.source not in BUILTIN_DATASETS:
         if data is None:
             raise StorageError(
-                f"study {record.name!r} was searched on the folder {config.data.source!r}; autodrop reads no folder a "
+                f"study {shown_text(record.name)} was searched on the folder {shown_text(config.data.source, 200)}; "
+                "autodrop reads no folder a "
                 "study names: pass --data FOLDER (the images the study was searched on) to load them."
             )
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, source=data))
