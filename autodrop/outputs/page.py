@@ -22,8 +22,8 @@ from autodrop.outputs.results import SearchResult, TrialSummary, summarize_study
 from autodrop.outputs.text import format_result, site_story
 from autodrop.run.records import read_study
 from autodrop.run.storage import open_existing_study, safe_url, storage_errors
-from autodrop.run.trust import needs_model, trusted_config
 from autodrop.run.study import count_finished
+from autodrop.run.trust import needs_model, trusted_config
 
 # Colours used across the page, so the same thing looks the same in every figure.
 _VAL, _TRAIN, _BEST, _PRUNED, _BASELINE, _ON, _OFF = (

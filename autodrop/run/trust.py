@@ -12,7 +12,6 @@ and are passed only to a model the user named.
 from __future__ import annotations
 
 import dataclasses
-
 from typing import TYPE_CHECKING
 
 from autodrop.config import BUILTIN_DATASETS, SearchConfig, absolute_model_spec, is_user_model
