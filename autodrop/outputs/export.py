@@ -138,8 +138,11 @@ def export_model(
     weights_from = retrained_accuracy = None
     state = None
     if weights_path is not None:
-        store = open_artifact_store(artifact_folder(url, artifact_dir))
+        folder = artifact_folder(url, artifact_dir)
+        store = open_artifact_store(folder)
         state = None if record.weights is None else load_weights(store, record.weights)
+        if state is None and record.weights is not None and artifact_dir is None:
+            _refuse_to_retrain_kept_weights(record, folder)
         if state is not None:
             weights_from = "stored"
         else:
@@ -164,6 +167,20 @@ def export_model(
         study_name=record.study_name, trial=record.number, class_name=class_name, source_path=out_path,
         val_accuracy=record.val_accuracy, weights_path=weights_path, weights_from=weights_from,
         retrained_accuracy=retrained_accuracy,
+    )
+
+
+def _refuse_to_retrain_kept_weights(record: ExportRecord, folder: Path) -> None:
+    """Raise StorageError when the search kept the trial's weights in another folder than ``folder``
+    (the default, where they are not): the study of an older search, or one moved since. The
+    recorded folder is named for the user to judge, never opened: only ``--artifact-dir`` is."""
+    recorded = None if record.study is None else record.study.artifact_dir
+    if recorded is None or recorded == str(folder):
+        return  # kept here and gone since: retraining with the trial's seed is all there is
+    raise StorageError(
+        f"the weights kept for trial {record.number} are not in {str(folder)!r}; the search recorded the folder "
+        f"{shown_text(recorded, 200)}. If that folder (or a copy) is yours, pass it as --artifact-dir to use "
+        "them (their digest is checked); pass any other --artifact-dir to retrain the trial instead."
     )
 
 

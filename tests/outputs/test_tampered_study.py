@@ -156,10 +156,35 @@ def test_an_absolute_recorded_weights_folder_is_never_written_or_read(tiny_study
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["export", "--storage", copy.url, "--out", str(tmp_path / "w.py"),
                                        "--weights", str(tmp_path / "w.pt")])
-    assert result.exit_code == 0, result.output
-    assert "retrained" in result.output  # no weights beside the copied database: never looked for elsewhere
+    # No weights beside the copied database: the recorded folder is named, never looked in.
+    assert result.exit_code == 2 and str(elsewhere) in result.output and "--artifact-dir" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not elsewhere.exists()
+    retrained = CliRunner().invoke(main, ["export", "--storage", copy.url, "--out", str(tmp_path / "w.py"),
+                                          "--weights", str(tmp_path / "w.pt"), "--artifact-dir", str(tmp_path / "none")])
+    assert retrained.exit_code == 0 and "retrained" in retrained.output, retrained.output
     assert not elsewhere.exists()
     assert os.path.getsize(tmp_path / "w.pt") > 0
+
+
+def test_weights_kept_in_a_folder_moved_since_are_used_from_the_artifact_dir_given(tiny_study, tmp_path,
+                                                                                    monkeypatch):
+    import shutil
+
+    copy = tiny_study.copy_to(tmp_path / "study")
+    moved = tmp_path / "moved-weights"
+    shutil.copytree(tiny_study.artifact_dir, moved)  # the search kept them beside the original database
+    monkeypatch.chdir(tmp_path)
+    out = ["export", "--storage", copy.url, "--out", str(tmp_path / "w.py"), "--weights", str(tmp_path / "w.pt")]
+    refused = CliRunner().invoke(main, out)
+    assert refused.exit_code == 2 and str(tiny_study.artifact_dir) in refused.output, refused.output
+    used = CliRunner().invoke(main, [*out, "--artifact-dir", str(moved)])
+    assert used.exit_code == 0 and "retrained" not in used.output, used.output
+    for kept in moved.rglob("*"):  # another file under the kept one's id: its digest gives it away
+        if kept.is_file():
+            kept.write_bytes(kept.read_bytes()[:-1] + b"x")
+    tampered = CliRunner().invoke(main, [*out, "--artifact-dir", str(moved)])
+    assert tampered.exit_code == 2 and "digest differs" in tampered.output, tampered.output
 
 
 def test_an_uploaded_file_named_like_weights_is_never_taken_for_a_trials_weights(tiny_study, tmp_path, monkeypatch):
