@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -109,13 +109,15 @@ def export_model(
     device: str = "auto",
     model: str | None = None,
     data: str | None = None,
+    model_args: Sequence[str] | Mapping[str, Any] | None = None,
 ) -> ExportResult:
     """Write trial ``trial`` (default: the best) of ``study`` as PyTorch source, and its weights.
 
     ``storage`` defaults to ./autodrop.db and ``study`` to the storage's only study. Weights come
     from the artifact the search kept (checked against the digest it recorded); if none was kept,
     the trial is retrained with its seed. ``model`` and ``data`` name the study's own model and
-    image folder, which are never taken from the study itself (run/trust.py).
+    image folder, which are never taken from the study itself (run/trust.py), and ``model_args``
+    the arguments of a user model, which must be the ones the study records.
     """
     out_path = check_writable(out, "--out")
     weights_path = None if weights is None else check_writable(weights, "--weights")
@@ -128,7 +130,8 @@ def export_model(
     # A path comparison only (nothing is imported): the user's own file is never written over.
     _refuse_model_file(record.config.model, {"--out": out_path, "--weights": weights_path})
     assert record.study is not None
-    record = replace(record, config=trusted_config(record.study, model=model, need_data=False))
+    record = replace(record, config=trusted_config(record.study, model=model, model_args=model_args,
+                                                   need_data=False))
     if record.scaling is None:  # a study from before the scaling was recorded: compute it again
         record = replace(record, scaling=_scaling_from_data(record, data))
     exporter = get_exporter(record.config.model)
@@ -585,8 +588,9 @@ def _trusted_data(record: ExportRecord, data: str | None) -> "tuple[Any, SearchC
     from autodrop.training.data import load_data
 
     assert record.study is not None
+    # record.config holds the model and arguments the user named, checked by export_model already.
     config = trusted_config(record.study, model=None if not needs_model(record.study) else record.config.model,
-                            data=data)
+                            model_args=record.config.model_args, data=data)
     images = load_data(config.data)
     check_same_data(record.study, data_record(images))
     return images, config

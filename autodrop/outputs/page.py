@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from autodrop import __version__
 from autodrop.errors import StorageError
@@ -45,6 +45,7 @@ class Report:
 def make_report(
     study: str | None = None, storage: str | None = None, *, html_path: str | os.PathLike[str] | None = None,
     model: str | None = None,
+    model_args: Sequence[str] | Mapping[str, Any] | None = None,
 ) -> Report:
     """Return the study's answer as terminal text, writing the HTML page too when ``html_path`` is given.
 
@@ -67,7 +68,7 @@ def make_report(
         if needs_model(record) and model is None:
             network: str | None = None
         else:
-            network = trusted_config(record, model=model, need_data=False).model
+            network = trusted_config(record, model=model, model_args=model_args, need_data=False).model
         write_text(target, render_html(result, network_model=network), "--html")
     return Report(result=result, text=format_result(result), html_path=target)
 
@@ -199,8 +200,8 @@ def network_layers(result: SearchResult, model_name: str | None) -> tuple[list[t
 
     sites_only = [(site, kind, site) for site, kind in result.sites.items()]
     if model_name is None:
-        return sites_only, (f"Only the drop sites are drawn: rebuilding your own model needs --model "
-                            f"{result.settings.get('model')} (autodrop imports no code a study names).")
+        return sites_only, ("Only the drop sites are drawn: rebuilding your own model needs it named again "
+                            "with --model (autodrop imports no code a study names).")
     try:
         from autodrop.nets.build import ModelShape, build_model
         from autodrop.nets.sites import DEFAULT_SLOT, DropSite

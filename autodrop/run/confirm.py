@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -125,6 +125,7 @@ def confirm_study(
     model: str | None = None,
     data: str | None = None,
     on_run: Callable[[str, int], None] | None = None,
+    model_args: Sequence[str] | Mapping[str, Any] | None = None,
 ) -> Confirmation:
     """Retrain the study's ``top`` placements and its baselines with fresh seeds; store and return the verdict.
 
@@ -146,7 +147,7 @@ def confirm_study(
     study = open_existing_study(study_name, storage).study
     record = read_study(study)
     candidates = select_candidates(record, read_trials(study, record), top)
-    config = trusted_config(record, model=model, data=data)
+    config = trusted_config(record, model=model, model_args=model_args, data=data)
     images = load_data(config.data)
     check_same_data(record, data_record(images))
     # Every run is stored as soon as it is trained: a stopped or killed confirm loses none of them.

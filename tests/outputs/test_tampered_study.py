@@ -9,6 +9,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+import optuna
 import pytest
 from click.testing import CliRunner
 
@@ -292,3 +293,30 @@ def test_stored_text_reaches_the_terminal_without_control_characters(tiny_study,
         assert not any(c in result.output for c in "\x1b\r\x07\u202e"), repr(result.output[-500:])
     report = CliRunner().invoke(main, ["report", "--storage", copy.url])
     assert "all good" in report.output and "fine" in report.output
+
+
+def test_a_users_model_gets_only_the_arguments_the_user_gives_again(tmp_path):
+    import autodrop
+
+    marker = tmp_path / "marker"
+    model = f"{_evil_module(tmp_path, marker)}:Net"
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    autodrop.search(data="digits", image_size=16, train_per_class=10, epochs=1, batch_size=64, trials=1,
+                    pruner="none", model=model, model_args={"width": 4}, storage=storage, study="mine")
+    marker.unlink()
+    export = ["export", "--storage", storage, "--out", str(tmp_path / "w.py"), "--model", model]
+    for given in ([], ["--model-arg", "width=5"], ["--model-arg", "width=true"]):
+        refused = CliRunner().invoke(main, [*export, *given])
+        assert refused.exit_code == 2 and "records the model arguments 'width=4'" in refused.output, refused.output
+        assert len(refused.output.strip().splitlines()) == 1 and not marker.exists()
+    # Someone adds an argument to the stored ones: the user's own --model-arg no longer matches them.
+    study = optuna.load_study(study_name="mine", storage=storage)
+    _set_setting(study, "model-args", {"width": 4, "path": "/home/u/.ssh/id_rsa"})
+    for command in (export, ["report", "--storage", storage, "--html", str(tmp_path / "r.html"), "--model", model]):
+        refused = CliRunner().invoke(main, [*command, "--model-arg", "width=4"])
+        assert refused.exit_code == 2 and "--model-arg" in refused.output, refused.output
+        assert not marker.exists()
+    _set_setting(study, "model-args", {"width": 4})
+    named = CliRunner().invoke(main, [*export, "--model-arg", "width=4"])
+    assert named.exit_code == 0, named.output
+    assert marker.exists()  # the user named the model and its arguments: autodrop built it, as asked
