@@ -127,11 +127,12 @@ def export_model(
     optuna_study, url = opened.study, opened.url
     frozen = choose_trial(optuna_study, trial)
     record = read_export_record(optuna_study, frozen)
-    # A path comparison only (nothing is imported): the user's own file is never written over.
-    _refuse_model_file(record.config.model, {"--out": out_path, "--weights": weights_path})
     assert record.study is not None
     record = replace(record, config=trusted_config(record.study, model=model, model_args=model_args,
                                                    need_data=False))
+    # A path comparison only (nothing is imported): the user's own file is never written over. After
+    # the check above, so that the path looked up is the one the user named, not one a study holds.
+    _refuse_model_file(record.config.model, {"--out": out_path, "--weights": weights_path})
     if record.scaling is None:  # a study from before the scaling was recorded: compute it again
         record = replace(record, scaling=_scaling_from_data(record, data))
     exporter = get_exporter(record.config.model)

@@ -258,7 +258,7 @@ def read_study(study: Any) -> StudyRecord:
     if unknown:
         raise StorageError(f"study {name!r} holds settings autodrop does not write: {unknown}.")
     try:
-        config = config_from_options(stored)
+        config = config_from_options(stored, from_storage=True)
     except (AutodropError, TypeError, ValueError) as e:
         raise StorageError(f"study {name!r} holds settings autodrop does not write: {e}") from e
     data = _read_data(study, config)
