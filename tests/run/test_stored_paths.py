@@ -52,3 +52,22 @@ def tiny_digits_study(tmp_path):
     options = tiny_options(tmp_path, trials=1, epochs=1)
     autodrop.search(**options)
     return optuna.load_study(study_name="digits-simple-cnn", storage=options["storage"])
+
+
+def test_a_dashboard_note_that_cannot_be_written_warns_and_the_trials_complete(tmp_path):
+    from tiny import tiny_options
+
+    import autodrop
+    from autodrop.errors import AutodropWarning
+
+    options = tiny_options(tmp_path, trials=1, epochs=1)
+    autodrop.search(**options)
+    study = optuna.load_study(study_name="digits-simple-cnn", storage=options["storage"])
+    storage = study._storage
+    for trial_id in range(1, 12):  # the note versions of the trials still to come, edited by someone
+        storage.set_study_system_attr(study._study_id, f"dashboard:{trial_id}:note_ver", "not a number")
+    with pytest.warns(AutodropWarning, match="dashboard note of trial"):
+        result = autodrop.search(**{**options, "trials": 3})
+    assert result.n_finished == 3
+    states = [t.state for t in optuna.load_study(study_name="digits-simple-cnn", storage=options["storage"]).trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 3
