@@ -22,8 +22,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
 from autodrop.config import sqlite_file
-from autodrop.errors import ConfigError, StorageError
-from autodrop.errors import AutodropWarning
+from autodrop.errors import AutodropWarning, ConfigError, StorageError
 from autodrop.run.records import ARTIFACT_DIR_KEY, NORMALISER_KEY, WEIGHTS, rank_key
 
 if TYPE_CHECKING:  # pragma: no cover
