@@ -11,14 +11,14 @@ from typing import Any, Mapping
 
 import optuna
 
+from autodrop.outputs.importance import site_importances
+from autodrop.run.noise import chance_lead, run_noise, spread_within_noise
 from autodrop.run.records import (
     TrialRecord,
     best_trial,
     read_study,
     read_trials,
 )
-from autodrop.outputs.importance import site_importances
-from autodrop.run.noise import chance_lead, run_noise, spread_within_noise
 from autodrop.run.storage import open_existing_study, storage_errors
 
 # A trial as the answer shows it (the name the Python API has always used).

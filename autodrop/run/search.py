@@ -25,15 +25,15 @@ from autodrop.run import records
 from autodrop.run.locking import StorageLock
 from autodrop.run.processes import run_processes
 from autodrop.run.progress import Progress
+from autodrop.run.pruning import make_pruner
 from autodrop.run.records import BASELINE, read_study, read_trials
 from autodrop.run.scheduler import run_trials
 from autodrop.run.signals import Interrupted
 from autodrop.run.space import baseline_placements, baseline_variants, placement_to_params, variant_choices
 from autodrop.run.storage import open_storage
-from autodrop.run.pruning import make_pruner
-from autodrop.run.trust import data_record
 from autodrop.run.study import best_value, count_finished, create_or_load_study, make_sampler
 from autodrop.run.trials import StudyTrials
+from autodrop.run.trust import data_record
 from autodrop.training.data import ImageData, load_data
 from autodrop.training.device import resolve_device
 from autodrop.training.packed import auto_pack_size
