@@ -49,6 +49,8 @@ _TRUSTED_DATA_HELP = ("The folder of images the study was searched on, named aga
                       "autodrop reads no folder a study names. Not needed for the built-in digits.")
 _IN_BLOCK_HELP = ("Sites inside a block class the model repeats (ResNet's BasicBlock), before each inner "
                   "convolution: one decision for all blocks of a stage, one per block, or none.")
+_TRUSTED_MODEL_ARG_HELP = ("An argument of the study's own model, given again as the search got it (repeatable): "
+                           "autodrop passes no argument a study names to your code.")
 _MODEL_ARG_HELP = "An argument for your model's constructor, e.g. --model-arg width=16 (repeatable)."
 
 
@@ -57,11 +59,22 @@ class UserInputError(click.ClickException):
 
     exit_code = 2
 
+    def __init__(self, message: str) -> None:
+        # The message may quote a study's stored text: no control character reaches the terminal,
+        # and a newline in it would break the promise of one line.
+        super().__init__(_printable(message.replace("\n", " ")))
+
+
+def _printable(text: Any) -> str:
+    from autodrop.outputs.text import printable
+
+    return printable(text)
+
 
 def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
                   line: str | None = None) -> None:
     if issubclass(category, AutodropWarning):
-        click.echo(f"Warning: {message}", err=True)
+        click.echo(_printable(f"Warning: {message}"), err=True)
     else:
         _default_showwarning(message, category, filename, lineno, file, line)
 
@@ -201,12 +214,14 @@ _ARTIFACT_HELP = "Folder of the kept weights; default: the one the search record
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
               help="Also write a self-contained HTML page (works offline).")
 @click.option("--model", default=None, help=_TRUSTED_MODEL_HELP)
-def report(study: str | None, storage: str | None, html_path: str | None, model: str | None) -> None:
+@click.option("--model-arg", "model_arg", multiple=True, metavar="KEY=VALUE", help=_TRUSTED_MODEL_ARG_HELP)
+def report(study: str | None, storage: str | None, html_path: str | None, model: str | None,
+           model_arg: tuple[str, ...]) -> None:
     """Print a study's answer from storage; --html also writes a page."""
     from autodrop.outputs.page import make_report
 
     try:
-        result = make_report(study, storage, html_path=html_path, model=model)
+        result = make_report(study, storage, html_path=html_path, model=model, model_args=model_arg)
     except AutodropError as e:
         raise UserInputError(str(e)) from e
     click.echo(result.text)
@@ -260,18 +275,20 @@ def dashboard(study: str | None, storage: str | None, host: str, port: int, arti
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="Where to retrain when the trial's weights were not kept.")
 @click.option("--model", default=None, help=_TRUSTED_MODEL_HELP)
+@click.option("--model-arg", "model_arg", multiple=True, metavar="KEY=VALUE", help=_TRUSTED_MODEL_ARG_HELP)
 @click.option("--data", default=None, help=_TRUSTED_DATA_HELP)
 def export(study: str | None, storage: str | None, trial: int | None, out: str, weights: str | None,
-           artifact_dir: str | None, device: str, model: str | None, data: str | None) -> None:
+           artifact_dir: str | None, device: str, model: str | None, model_arg: tuple[str, ...],
+           data: str | None) -> None:
     """Write a trial's network as PyTorch source, and its weights."""
     from autodrop.outputs.export import export_model
 
     try:
         result = export_model(study, storage, out=out, trial=trial, weights=weights, artifact_dir=artifact_dir,
-                              device=device, model=model, data=data)
+                              device=device, model=model, data=data, model_args=model_arg)
     except AutodropError as e:
         raise UserInputError(str(e)) from e
-    click.echo(result.describe())
+    click.echo(_printable(result.describe()))
 
 
 @main.command()
@@ -284,22 +301,23 @@ def export(study: str | None, storage: str | None, trial: int | None, out: str, 
 @click.option("--top", type=int, default=3, show_default=True, help="Best searched placements to retrain.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--model", default=None, help=_TRUSTED_MODEL_HELP)
+@click.option("--model-arg", "model_arg", multiple=True, metavar="KEY=VALUE", help=_TRUSTED_MODEL_ARG_HELP)
 @click.option("--data", default=None, help=_TRUSTED_DATA_HELP)
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def confirm(study_name: str | None, storage: str | None, seeds: int | None, max_seeds: int, top: int, device: str,
-            model: str | None, data: str | None, quiet: bool) -> None:
+            model: str | None, model_arg: tuple[str, ...], data: str | None, quiet: bool) -> None:
     """Retrain the top placements and every baseline with fresh seeds, and test the lead."""
     from autodrop.outputs.text import format_confirmation
 
     def on_run(label: str, seed_index: int) -> None:
         if not quiet:
-            click.echo(f"  training {label}, seed {seed_index + 1}", err=True)
+            click.echo(_printable(f"  training {label}, seed {seed_index + 1}"), err=True)
 
     try:
         from autodrop.run.confirm import confirm_study
 
         confirmation = confirm_study(study_name, storage, n_seeds=seeds, max_seeds=max_seeds, top=top, device=device,
-                                     model=model, data=data, on_run=on_run)
+                                     model=model, data=data, on_run=on_run, model_args=model_arg)
     except AutodropError as e:
         raise UserInputError(str(e)) from e
     click.echo(format_confirmation(confirmation.to_dict()))

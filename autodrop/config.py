@@ -287,10 +287,12 @@ def option_name(key: str) -> str:
     return OPTION_ALIASES.get(name, name)
 
 
-def config_from_options(options: Mapping[str, Any]) -> SearchConfig:
+def config_from_options(options: Mapping[str, Any], *, from_storage: bool = False) -> SearchConfig:
     """Build a validated SearchConfig from flat option names (``image-size`` or ``image_size``).
 
-    Options that are missing or None keep their defaults.
+    Options that are missing or None keep their defaults. ``from_storage``: the options were read
+    from a study, so a model file's path is kept as stored (made absolute when the search stored
+    it), never looked up on this machine.
     """
     given = {}
     for key, value in options.items():
@@ -308,7 +310,7 @@ def config_from_options(options: Mapping[str, Any]) -> SearchConfig:
         given["augment"] = ()
     if "model-args" in given:
         given["model-args"] = parse_model_args(given["model-args"])
-    if isinstance(given.get("model"), str):
+    if isinstance(given.get("model"), str) and not from_storage:
         given["model"] = absolute_model_spec(given["model"])
     if "devices" in given:
         given["devices"] = _devices(given["devices"])

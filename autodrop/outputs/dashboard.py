@@ -23,7 +23,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from autodrop.errors import ConfigError, StorageError
 from autodrop.run.artifacts import artifact_dir as artifact_folder
 from autodrop.run.artifacts import open_artifact_store
-from autodrop.run.storage import open_existing_study
+from autodrop.run.storage import open_existing_study, storage_errors
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -45,6 +45,7 @@ class DashboardApp:
         return f"/dashboard/studies/{self.study_id}"
 
 
+@storage_errors
 def create_dashboard_app(
     study: str | None = None,
     storage: str | None = None,

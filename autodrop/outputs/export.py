@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -25,8 +25,16 @@ from autodrop.outputs import written_layers
 from autodrop.outputs.files import check_writable, write_text
 from autodrop.run.artifacts import artifact_dir as artifact_folder
 from autodrop.run.artifacts import load_weights, open_artifact_store, read_normaliser
-from autodrop.run.records import StudyRecord, best_trial, describe_placement, read_study, read_trial
-from autodrop.run.storage import open_existing_study
+from autodrop.run.records import (
+    StudyRecord,
+    best_trial,
+    describe_placement,
+    read_study,
+    read_trial,
+    read_trials,
+    shown_text,
+)
+from autodrop.run.storage import open_existing_study, storage_errors
 from autodrop.run.trust import check_same_data, data_record, needs_model, trusted_config
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -89,6 +97,7 @@ class ExportResult:
 Exporter = Callable[[ExportRecord, str], "tuple[str, nn.Module]"]
 
 
+@storage_errors
 def export_model(
     study: str | None = None,
     storage: str | None = None,
@@ -100,13 +109,15 @@ def export_model(
     device: str = "auto",
     model: str | None = None,
     data: str | None = None,
+    model_args: Sequence[str] | Mapping[str, Any] | None = None,
 ) -> ExportResult:
     """Write trial ``trial`` (default: the best) of ``study`` as PyTorch source, and its weights.
 
     ``storage`` defaults to ./autodrop.db and ``study`` to the storage's only study. Weights come
     from the artifact the search kept (checked against the digest it recorded); if none was kept,
     the trial is retrained with its seed. ``model`` and ``data`` name the study's own model and
-    image folder, which are never taken from the study itself (run/trust.py).
+    image folder, which are never taken from the study itself (run/trust.py), and ``model_args``
+    the arguments of a user model, which must be the ones the study records.
     """
     out_path = check_writable(out, "--out")
     weights_path = None if weights is None else check_writable(weights, "--weights")
@@ -116,10 +127,12 @@ def export_model(
     optuna_study, url = opened.study, opened.url
     frozen = choose_trial(optuna_study, trial)
     record = read_export_record(optuna_study, frozen)
-    # A path comparison only (nothing is imported): the user's own file is never written over.
-    _refuse_model_file(record.config.model, {"--out": out_path, "--weights": weights_path})
     assert record.study is not None
-    record = replace(record, config=trusted_config(record.study, model=model, need_data=False))
+    record = replace(record, config=trusted_config(record.study, model=model, model_args=model_args,
+                                                   need_data=False))
+    # A path comparison only (nothing is imported): the user's own file is never written over. After
+    # the check above, so that the path looked up is the one the user named, not one a study holds.
+    _refuse_model_file(record.config.model, {"--out": out_path, "--weights": weights_path})
     if record.scaling is None:  # a study from before the scaling was recorded: compute it again
         record = replace(record, scaling=_scaling_from_data(record, data))
     exporter = get_exporter(record.config.model)
@@ -129,8 +142,11 @@ def export_model(
     weights_from = retrained_accuracy = None
     state = None
     if weights_path is not None:
-        store = open_artifact_store(artifact_folder(url, artifact_dir))
+        folder = artifact_folder(url, artifact_dir)
+        store = open_artifact_store(folder)
         state = None if record.weights is None else load_weights(store, record.weights)
+        if state is None and record.weights is not None and artifact_dir is None:
+            _refuse_to_retrain_kept_weights(record, folder)
         if state is not None:
             weights_from = "stored"
         else:
@@ -155,6 +171,20 @@ def export_model(
         study_name=record.study_name, trial=record.number, class_name=class_name, source_path=out_path,
         val_accuracy=record.val_accuracy, weights_path=weights_path, weights_from=weights_from,
         retrained_accuracy=retrained_accuracy,
+    )
+
+
+def _refuse_to_retrain_kept_weights(record: ExportRecord, folder: Path) -> None:
+    """Raise StorageError when the search kept the trial's weights in another folder than ``folder``
+    (the default, where they are not): the study of an older search, or one moved since. The
+    recorded folder is named for the user to judge, never opened: only ``--artifact-dir`` is."""
+    recorded = None if record.study is None else record.study.artifact_dir
+    if recorded is None or recorded == str(folder):
+        return  # kept here and gone since: retraining with the trial's seed is all there is
+    raise StorageError(
+        f"the weights kept for trial {record.number} are not in {str(folder)!r}; the search recorded the folder "
+        f"{shown_text(recorded, 200)}. If that folder (or a copy) is yours, pass it as --artifact-dir to use "
+        "them (their digest is checked); pass any other --artifact-dir to retrain the trial instead."
     )
 
 
@@ -194,8 +224,11 @@ def choose_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
         if not complete:
             raise StorageError(f"study {study.study_name!r} has no completed trial yet; there is nothing to export.")
         record = read_study(study)
-        best = best_trial(read_trial(record, t) for t in complete)
-        assert best is not None
+        # A completed trial holding values autodrop does not write is left out (read_trials warns).
+        best = best_trial(read_trials(study, record, complete))
+        if best is None:
+            raise StorageError(f"study {shown_text(study.study_name)} has no completed trial that autodrop wrote; "
+                               "there is nothing to export.")
         return next(t for t in complete if t.number == best.number)
     chosen = next((t for t in trials if t.number == number), None)
     if chosen is None:
@@ -556,8 +589,9 @@ def _trusted_data(record: ExportRecord, data: str | None) -> "tuple[Any, SearchC
     from autodrop.training.data import load_data
 
     assert record.study is not None
+    # record.config holds the model and arguments the user named, checked by export_model already.
     config = trusted_config(record.study, model=None if not needs_model(record.study) else record.config.model,
-                            data=data)
+                            model_args=record.config.model_args, data=data)
     images = load_data(config.data)
     check_same_data(record.study, data_record(images))
     return images, config

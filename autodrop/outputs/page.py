@@ -10,9 +10,10 @@ from __future__ import annotations
 import html
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from autodrop import __version__
 from autodrop.errors import StorageError
@@ -20,7 +21,7 @@ from autodrop.outputs.files import check_writable, write_text
 from autodrop.outputs.results import SearchResult, TrialSummary, summarize_study
 from autodrop.outputs.text import format_result, site_story
 from autodrop.run.records import read_study
-from autodrop.run.storage import open_existing_study, safe_url
+from autodrop.run.storage import open_existing_study, safe_url, storage_errors
 from autodrop.run.study import count_finished
 from autodrop.run.trust import needs_model, trusted_config
 
@@ -40,9 +41,11 @@ class Report:
     html_path: Path | None
 
 
+@storage_errors
 def make_report(
     study: str | None = None, storage: str | None = None, *, html_path: str | os.PathLike[str] | None = None,
     model: str | None = None,
+    model_args: Sequence[str] | Mapping[str, Any] | None = None,
 ) -> Report:
     """Return the study's answer as terminal text, writing the HTML page too when ``html_path`` is given.
 
@@ -65,7 +68,7 @@ def make_report(
         if needs_model(record) and model is None:
             network: str | None = None
         else:
-            network = trusted_config(record, model=model, need_data=False).model
+            network = trusted_config(record, model=model, model_args=model_args, need_data=False).model
         write_text(target, render_html(result, network_model=network), "--html")
     return Report(result=result, text=format_result(result), html_path=target)
 
@@ -144,7 +147,7 @@ def render_html(result: SearchResult, *, network_model: str | None = None) -> st
         curves=blocks["curves"],
         parallel=blocks["parallel"],
         text=_e(format_result(result)),
-        study_arg=_e(_shell_word(name) + _storage_arg(result.storage_url)),
+        study_arg=_e(_study_word(name) + _storage_arg(result.storage_url)),
         version=_e(__version__),
     )
 
@@ -166,6 +169,12 @@ def _shell_word(text: str) -> str:
     import shlex
 
     return shlex.quote(text)
+
+
+def _study_word(name: str) -> str:
+    """Return the study's name for the footer's commands, or a placeholder: the name is read from
+    storage, and a command to copy is never built from text anyone could have stored."""
+    return name if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name) else "NAME"
 
 
 def _storage_arg(url: str) -> str:
@@ -191,8 +200,8 @@ def network_layers(result: SearchResult, model_name: str | None) -> tuple[list[t
 
     sites_only = [(site, kind, site) for site, kind in result.sites.items()]
     if model_name is None:
-        return sites_only, (f"Only the drop sites are drawn: rebuilding your own model needs --model "
-                            f"{result.settings.get('model')} (autodrop imports no code a study names).")
+        return sites_only, ("Only the drop sites are drawn: rebuilding your own model needs it named again "
+                            "with --model (autodrop imports no code a study names).")
     try:
         from autodrop.nets.build import ModelShape, build_model
         from autodrop.nets.sites import DEFAULT_SLOT, DropSite

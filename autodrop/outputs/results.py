@@ -19,7 +19,7 @@ from autodrop.run.records import (
     read_study,
     read_trials,
 )
-from autodrop.run.storage import open_existing_study
+from autodrop.run.storage import open_existing_study, storage_errors
 
 # A trial as the answer shows it (the name the Python API has always used).
 TrialSummary = TrialRecord
@@ -83,6 +83,7 @@ class SearchResult:
         return _verdict(self)
 
 
+@storage_errors
 def load_results(study: str, storage: str | None = None) -> SearchResult:
     """Return the answer stored for the study named ``study`` (default storage: ./autodrop.db)."""
     opened = open_existing_study(study, storage)

@@ -5,9 +5,18 @@ Nothing here imports torch: ``autodrop report`` answers from any machine that re
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any, Mapping
 
 from autodrop.outputs.results import SearchResult
+
+
+def printable(text: Any) -> str:
+    """Return ``text`` with every control character but the newline taken out: ANSI escapes, carriage
+    returns, bidirectional overrides. What autodrop prints may quote a study's stored text (names,
+    a model, fail reasons), which anyone who can write to the study chose; it must not be able to
+    move the cursor, rewrite lines already printed, or hide part of a message."""
+    return "".join(c for c in str(text) if c == "\n" or not unicodedata.category(c).startswith("C"))
 
 
 def format_result(result: SearchResult) -> str:
@@ -65,7 +74,7 @@ def format_result(result: SearchResult) -> str:
         lines.extend(format_confirmation(result.confirmation).splitlines()[:-1])
     lines.append("")
     lines.append(result.verdict)
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def format_confirmation(confirmation: Mapping[str, Any]) -> str:
@@ -82,7 +91,7 @@ def format_confirmation(confirmation: Mapping[str, Any]) -> str:
             f"{_pts(c['mean_gap']):>6}  {c['description']}"
         )
     lines.append(str(confirmation["verdict"]))
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def _importance(result: SearchResult, site: str) -> str:

@@ -94,10 +94,16 @@ def prepare_records(
 
 def save_trial_note(trial: optuna.Trial, placement: Mapping[str, float | None], **details: Any) -> None:
     """Write the trial's markdown note (:func:`trial_note` of ``placement`` and ``details``), which
-    the dashboard shows on the trial's page."""
+    the dashboard shows on the trial's page. Best effort: a note that cannot be written warns."""
     from optuna_dashboard import save_note
 
-    save_note(trial, trial_note(placement, **details))
+    try:
+        save_note(trial, trial_note(placement, **details))
+    except Exception as e:
+        # The dashboard keeps a note's version among the study's attributes, which anyone can edit
+        # (and a database can fail to write): the trial's results matter, its note does not.
+        warnings.warn(f"the dashboard note of trial {trial.number} could not be written ({type(e).__name__}: "
+                      f"{str(e)[:200]}); the trial goes on.", AutodropWarning, stacklevel=2)
 
 
 def trial_note(

@@ -22,6 +22,7 @@ import torch
 from autodrop.config import DEFAULT_CHECKPOINT_DIR
 from autodrop.errors import AutodropWarning
 from autodrop.run.records import CHECKPOINT, FAILED_TRIAL, RESUMED_AT
+from autodrop.run.storage import earlier_trials
 from autodrop.training.checkpoint import load_checkpoint, save_checkpoint
 from autodrop.training.loop import TrainingState
 
@@ -50,10 +51,8 @@ class TrialCheckpoint:
                   epochs: int, device: torch.device) -> "TrialCheckpoint":
         """Return the checkpoint of ``trial``; a retry loads the one its first attempt's line left,
         if it is theirs."""
-        # Optuna's Trial does not show system attributes: read them from storage.
-        frozen = trial.storage.get_trial(trial._trial_id)
-        first = frozen.system_attrs.get(FAILED_TRIAL)
-        retry = isinstance(first, int) and not isinstance(first, bool) and 0 <= first < trial.number
+        first = retried_from(trial)
+        retry = first is not None
         number = first if retry else trial.number
         path = checkpoint_path(root, trial.study.study_name, uuid, number)
         trial.set_user_attr(CHECKPOINT, str(path))  # for people to read; never followed
@@ -80,6 +79,30 @@ class TrialCheckpoint:
     def remove(self) -> None:
         """Delete the checkpoint (the trial needs it no more), and its study's folder once empty."""
         remove_checkpoint(self.path)
+
+
+def retried_from(trial: optuna.Trial) -> int | None:
+    """Return the number of the first attempt of the trial ``trial`` retries, whose checkpoint it
+    resumes; None when it is no retry, or its retry records do not hold together.
+
+    Anyone can queue a trial whose records claim to retry another. Its records are taken only when
+    they chain (``retry_history`` starts at ``failed_trial`` and ends at the attempt it replaces),
+    that attempt failed, and no other trial claims to replace it: so no two trials ever share one
+    checkpoint file, and a trial's checkpoint is resumed only by its own retry.
+    """
+    # Optuna's Trial does not show system attributes: read them from storage.
+    attrs = trial.storage.get_trial(trial._trial_id).system_attrs
+    first = attrs.get(FAILED_TRIAL)
+    history = earlier_trials(attrs.get("retry_history"), trial.number)
+    if not history or history[0] != first:
+        return None
+    replaced = history[-1]
+    trials = trial.study.get_trials(deepcopy=False)
+    if not any(t.number == replaced and t.state == optuna.trial.TrialState.FAIL for t in trials):
+        return None
+    claims = [t.number for t in trials if t.number != trial.number
+              and earlier_trials(t.system_attrs.get("retry_history"), t.number)[-1:] == [replaced]]
+    return None if claims else first
 
 
 def remove_checkpoint(path: Path) -> None:

@@ -17,15 +17,17 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from autodrop.config import SearchConfig
 from autodrop.errors import ConfigError, StorageError
 from autodrop.run.records import (
+    CONFIRM_SEED_BASE,
     CONFIRMATION_KEY,
     CONFIRMATION_RUNS_KEY,
+    MAX_CONFIRM_RUNS,
     StudyRecord,
     TrialRecord,
     describe_placement,
@@ -35,7 +37,7 @@ from autodrop.run.records import (
     read_study,
     read_trials,
 )
-from autodrop.run.storage import open_existing_study
+from autodrop.run.storage import open_existing_study, storage_errors
 from autodrop.run.trust import check_same_data, data_record, trusted_config
 from autodrop.training.data import ImageData, load_data
 from autodrop.training.device import resolve_device
@@ -43,8 +45,8 @@ from autodrop.training.loop import TrainingDiverged
 from autodrop.training.normaliser import Normaliser
 from autodrop.training.placement import train_placement
 
-# Confirmation seeds never coincide with the search's trial seeds (seed * 1_000_003 + number).
-CONFIRM_SEED_BASE = 900_000_000
+# Confirmation seeds (CONFIRM_SEED_BASE + i, in records.py) never coincide with the search's trial
+# seeds (seed * 1_000_003 + number).
 SIGNIFICANCE = 0.05  # the chance of calling a difference real when there is none, over all looks
 MIN_SEEDS = 3  # seeds every candidate gets before the first look
 MAX_SEEDS = 10  # the cap of the sequential confirmation
@@ -111,6 +113,7 @@ class Confirmation:
         return asdict(self)
 
 
+@storage_errors
 def confirm_study(
     study_name: str | None,
     storage: str | None = None,
@@ -122,6 +125,7 @@ def confirm_study(
     model: str | None = None,
     data: str | None = None,
     on_run: Callable[[str, int], None] | None = None,
+    model_args: Sequence[str] | Mapping[str, Any] | None = None,
 ) -> Confirmation:
     """Retrain the study's ``top`` placements and its baselines with fresh seeds; store and return the verdict.
 
@@ -135,12 +139,15 @@ def confirm_study(
         raise ConfigError(f"--seeds must be at least 2 for a paired test, but got {n_seeds}.")
     if max_seeds < MIN_SEEDS:
         raise ConfigError(f"--max-seeds must be at least {MIN_SEEDS}, but got {max_seeds}.")
+    if max(n_seeds or 0, max_seeds) > MAX_CONFIRM_RUNS:
+        raise ConfigError(f"--seeds and --max-seeds must be at most {MAX_CONFIRM_RUNS}, but got "
+                          f"{max(n_seeds or 0, max_seeds)}.")
     if top < 1:
         raise ConfigError(f"--top must be at least 1, but got {top}.")
     study = open_existing_study(study_name, storage).study
     record = read_study(study)
     candidates = select_candidates(record, read_trials(study, record), top)
-    config = trusted_config(record, model=model, data=data)
+    config = trusted_config(record, model=model, model_args=model_args, data=data)
     images = load_data(config.data)
     check_same_data(record, data_record(images))
     # Every run is stored as soon as it is trained: a stopped or killed confirm loses none of them.

@@ -15,6 +15,7 @@ that only one worker of a study is in at a time. The lock lives where the storag
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
@@ -153,13 +154,20 @@ def _lock_file(folder: Path, refused: OSError) -> Iterator[None]:
     # POSIX locks belong to the process, not the descriptor: threads of one process queue here.
     with _process_lock(str(path)):
         try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            # O_NOFOLLOW: a symbolic link planted at the lock's path (by anyone who can write to the
+            # study's folder) is refused, never followed to a file of the user's to create or lock.
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
             try:
                 fcntl.lockf(descriptor, fcntl.LOCK_EX)
             except OSError:
                 os.close(descriptor)
                 raise
         except OSError as e:
+            if e.errno == errno.ELOOP or path.is_symlink():
+                raise StorageError(
+                    f"the lock file {str(path)!r} is a symbolic link, which autodrop does not follow; remove it "
+                    "(autodrop makes a plain file there)."
+                ) from e
             raise StorageError(
                 f"cannot lock the SQLite study in {str(folder)!r}: its filesystem refuses file locks "
                 f"({refused.strerror or refused}; {e.strerror or e}), as NFS often does. Put the study on a local "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any, Iterable, Mapping
@@ -28,7 +29,7 @@ from typing import Any, Iterable, Mapping
 from optuna.trial import FrozenTrial, TrialState
 
 from autodrop.config import DROPOUT_KINDS, SLOTS, SearchConfig, config_from_options, config_to_options, option_name
-from autodrop.errors import AutodropError, StorageError
+from autodrop.errors import AutodropError, AutodropWarning, StorageError
 
 # --- study user attributes ----------------------------------------------------------------------
 SETTINGS_KEY = "autodrop.config"
@@ -93,6 +94,11 @@ UUID = re.compile(r"[0-9a-f]{32}")
 ARTIFACT_ID = re.compile(r"[0-9a-fA-F-]{8,64}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 CHECKPOINT_NAME = re.compile(r"trial-[0-9]{1,12}\.pt")
+# Confirmation seeds: CONFIRM_SEED_BASE + i for the i-th run of a placement (never a search's trial
+# seed), at most MAX_CONFIRM_RUNS of them; a stored run outside that range is not autodrop's.
+CONFIRM_SEED_BASE = 900_000_000
+MAX_CONFIRM_RUNS = 1000
+SEED_LIMIT = 2**63  # seeds lie in 0..SEED_LIMIT-1: what torch's generators take, and far above any autodrop draws
 STATE_WORDS = {
     TrialState.COMPLETE: "complete",
     TrialState.PRUNED: "pruned",
@@ -252,7 +258,7 @@ def read_study(study: Any) -> StudyRecord:
     if unknown:
         raise StorageError(f"study {name!r} holds settings autodrop does not write: {unknown}.")
     try:
-        config = config_from_options(stored)
+        config = config_from_options(stored, from_storage=True)
     except (AutodropError, TypeError, ValueError) as e:
         raise StorageError(f"study {name!r} holds settings autodrop does not write: {e}") from e
     data = _read_data(study, config)
@@ -262,9 +268,7 @@ def read_study(study: Any) -> StudyRecord:
         and all(isinstance(s, str) and SITE_NAME.fullmatch(s) and k in SITE_KINDS for s, k in sites.items())
     ):
         raise StorageError(f"study {name!r} holds drop sites autodrop does not write ({SITES_KEY}={sites!r}).")
-    confirmation = study.user_attrs.get(CONFIRMATION_KEY)
-    if confirmation is not None and not isinstance(confirmation, dict):
-        raise StorageError(f"study {name!r} holds a confirmation autodrop does not write.")
+    confirmation = read_confirmation(study.user_attrs.get(CONFIRMATION_KEY), name)
     uuid = study.user_attrs.get(UUID_KEY)
     if uuid is not None and not (isinstance(uuid, str) and UUID.fullmatch(uuid)):
         raise StorageError(f"study {name!r} holds an identity autodrop does not write ({UUID_KEY}={uuid!r}).")
@@ -306,23 +310,33 @@ def _read_data(study: Any, config: SearchConfig) -> DataRecord:
 
 
 def read_trials(study: Any, record: StudyRecord, trials: Iterable[FrozenTrial] | None = None) -> list[TrialRecord]:
-    """Return every trial of ``study`` (or ``trials`` of it) as a checked record."""
+    """Return every trial of ``study`` (or ``trials`` of it) as a checked record, leaving out (with
+    one warning that counts them) trials holding values autodrop does not write."""
     if trials is None:
         trials = study.get_trials(deepcopy=False)
-    return [read_trial(record, t) for t in trials]
+    # One edited trial (a queued trial anyone may add, a value changed by hand) must not take the
+    # whole study's report, export or confirmation down with it: the others are still autodrop's.
+    read: list[TrialRecord] = []
+    skipped: list[StorageError] = []
+    for trial in trials:
+        try:
+            read.append(read_trial(record, trial))
+        except StorageError as e:
+            skipped.append(e)
+    if skipped:
+        warnings.warn(
+            f"{len(skipped)} trial(s) of study {shown_text(record.name)} hold values autodrop does not write and "
+            f"are left out ({skipped[0]}{' ...' if len(skipped) > 1 else ''})",
+            AutodropWarning,
+            stacklevel=2,
+        )
+    return read
 
 
 def read_trial(record: StudyRecord, trial: FrozenTrial) -> TrialRecord:
     """Return one trial as a checked record; raise StorageError for values autodrop does not write."""
-    where = f"trial {trial.number} of study {record.name!r}"
-    sites = list(record.sites)
-    params = trial.params
-    allowed = set(sites) | {param(s) for s in sites for param in (rate_param, dropout_param, slot_param)}
-    extra = sorted(set(params) - allowed)
-    if extra:
-        raise StorageError(f"{where} has parameters that are not drop sites: {extra}.")
-    placement = placement_from_params(params, sites, record.config.rate_range, where=where)
-    variants = variants_from_params(params, sites, where=where)
+    where = f"trial {trial.number} of study {shown_text(record.name)}"
+    placement, variants = check_params(trial.params, list(record.sites), record.config.rate_range, where=where)
     curve: dict[int, float] = {}
     for step, value in trial.intermediate_values.items():
         if not (_is_int(step) and _is_accuracy(value)):
@@ -340,8 +354,8 @@ def read_trial(record: StudyRecord, trial: FrozenTrial) -> TrialRecord:
     if baseline is not None and not (isinstance(baseline, str) and BASELINE_NAME.fullmatch(baseline)):
         raise StorageError(f"{where} has a baseline name autodrop does not write: {baseline!r}.")
     seed = attrs.get(SEED)
-    if seed is not None and not (_is_int(seed) and 0 <= seed < 2**63):
-        raise StorageError(f"{where} has a seed autodrop does not write: {seed!r}.")
+    if seed is not None and not is_seed(seed):
+        raise StorageError(f"{where} has a seed autodrop does not write: {shown(seed)}.")
     checkpoint = attrs.get(CHECKPOINT)
     if checkpoint is not None and not (isinstance(checkpoint, str) and CHECKPOINT_NAME.fullmatch(PurePath(checkpoint).name)
                                        and PurePath(checkpoint).is_absolute() and ".." not in PurePath(checkpoint).parts):
@@ -361,6 +375,58 @@ def read_trial(record: StudyRecord, trial: FrozenTrial) -> TrialRecord:
     )
 
 
+def check_params(
+    params: Any, sites: list[str], rate_range: tuple[float, float], *, where: str = "a trial"
+) -> tuple[Placement, Variants]:
+    """Return the placement and variants ``params`` (a trial's, or those queued for it) encode;
+    raise StorageError for a name that is not a site's parameter or a value autodrop would not ask for."""
+    if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
+        raise StorageError(f"{where} has parameters that are not a mapping of names to values: {shown(params)}.")
+    allowed = set(sites) | {param(s) for s in sites for param in (rate_param, dropout_param, slot_param)}
+    extra = sorted(set(params) - allowed)
+    if extra:
+        raise StorageError(f"{where} has parameters that are not drop sites: {shown(extra)}.")
+    return (placement_from_params(params, sites, rate_range, where=where),
+            variants_from_params(params, sites, where=where))
+
+
+def check_queued_params(params: Any, sites: list[str], rate_range: tuple[float, float], *, where: str) -> None:
+    """Raise StorageError unless ``params``, the values queued for a trial that has not run yet
+    (each optional: what is missing is sampled), are ones autodrop would ask for itself."""
+    if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
+        raise StorageError(f"{where} has parameters that are not a mapping of names to values: {shown(params)}.")
+    low, high = rate_range
+    allowed: dict[str, Any] = {}
+    for site in sites:
+        allowed[site] = lambda v: v in (OFF, ON)
+        allowed[rate_param(site)] = lambda v: _is_number(v) and 0.0 <= v < 1.0 and low - 1e-9 <= v <= high + 1e-9
+        allowed[dropout_param(site)] = lambda v: v in DROPOUT_KINDS
+        allowed[slot_param(site)] = lambda v: v in SLOTS
+    for name, value in params.items():
+        if name not in allowed:
+            raise StorageError(f"{where} has a parameter that is not a drop site's: {shown(name)}.")
+        if not (isinstance(value, (str, int, float)) and allowed[name](value)):
+            raise StorageError(f"{where} has parameter {shown(name)}={shown(value)}, which is not one autodrop asks for "
+                               f"(rates lie in {low}..{high}).")
+
+
+def is_seed(value: Any) -> bool:
+    """Whether ``value`` is a seed autodrop would write: a whole number in 0..SEED_LIMIT-1."""
+    return _is_int(value) and 0 <= value < SEED_LIMIT
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """Return ``value``'s repr for a message, cut at ``limit`` characters: a stored value may be huge."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown_text(value: Any, limit: int = 80) -> str:
+    """Return a stored name as a message shows it: quoted and escaped (repr), so that control
+    characters (ANSI escapes, carriage returns) reach no terminal, and cut at ``limit``."""
+    return shown(str(value), limit)
+
+
 def placement_from_params(
     params: Mapping[str, Any], sites: list[str], rate_range: tuple[float, float] = (0.0, 1.0), *, where: str = "a trial"
 ) -> Placement:
@@ -376,7 +442,7 @@ def placement_from_params(
         if state != ON or not _is_number(rate) or not 0.0 <= rate < 1.0 or not low - 1e-9 <= rate <= high + 1e-9:
             raise StorageError(
                 f"{where} has stored parameters for site {site!r} that are not a placement autodrop writes "
-                f"({site}={state!r}, {rate_param(site)}={rate!r}; rates lie in {low}..{high})."
+                f"({site}={shown(state)}, {rate_param(site)}={shown(rate)}; rates lie in {low}..{high})."
             )
         placement[site] = float(rate)
     return placement
@@ -389,9 +455,9 @@ def variants_from_params(params: Mapping[str, Any], sites: list[str], *, where: 
         variant = {}
         for key, param, allowed in (("dropout", dropout_param(site), DROPOUT_KINDS), ("slot", slot_param(site), SLOTS)):
             if param in params:
-                if params[param] not in allowed:
+                if not isinstance(params[param], str) or params[param] not in allowed:
                     raise StorageError(
-                        f"{where} has stored parameter {param}={params[param]!r}, which is not one autodrop writes "
+                        f"{where} has stored parameter {param}={shown(params[param])}, which is not one autodrop writes "
                         f"(expected one of {', '.join(allowed)})."
                     )
                 variant[key] = params[param]
@@ -412,6 +478,75 @@ def _is_accuracy(value: Any) -> bool:
     return _is_number(value) and 0.0 <= value <= 1.0
 
 
+def _is_confirm_seed(value: Any) -> bool:
+    return _is_int(value) and CONFIRM_SEED_BASE <= value < CONFIRM_SEED_BASE + MAX_CONFIRM_RUNS
+
+
+def _is_float(value: Any) -> bool:
+    # A statistic of few runs may be infinite or undefined (NaN): still a number confirm writes.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_label(value: Any, limit: int = 2000) -> bool:
+    return isinstance(value, str) and len(value) <= limit
+
+
+def _is_comparison(value: Any) -> bool:
+    if value is None:
+        return True
+    return (
+        isinstance(value, dict)
+        and set(value) == {"winner", "reference", "n_seeds", "mean_difference", "ci_low", "ci_high", "level",
+                           "p_value", "significant"}
+        and _is_label(value["winner"], 200) and _is_label(value["reference"], 200)
+        and _is_int(value["n_seeds"]) and 0 <= value["n_seeds"] <= MAX_CONFIRM_RUNS
+        and all(_is_float(value[k]) for k in ("mean_difference", "ci_low", "ci_high", "level"))
+        and (value["p_value"] is None or _is_float(value["p_value"]))
+        and isinstance(value["significant"], bool)
+    )
+
+
+def _is_candidate(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and set(value) == {"label", "trial", "baseline", "description", "seeds", "accuracies", "gaps", "mean",
+                           "ci_low", "ci_high", "mean_gap"}
+        and _is_label(value["label"], 200) and _is_int(value["trial"]) and value["trial"] >= 0
+        and (value["baseline"] is None or (isinstance(value["baseline"], str)
+                                           and BASELINE_NAME.fullmatch(value["baseline"]) is not None))
+        and _is_label(value["description"])
+        and isinstance(value["seeds"], list) and len(value["seeds"]) <= MAX_CONFIRM_RUNS
+        and all(_is_confirm_seed(s) for s in value["seeds"])
+        and isinstance(value["accuracies"], list) and len(value["accuracies"]) == len(value["seeds"])
+        and all(_is_accuracy(a) for a in value["accuracies"])
+        and isinstance(value["gaps"], list) and len(value["gaps"]) == len(value["seeds"])
+        and all(_is_number(g) and -1.0 <= g <= 1.0 for g in value["gaps"])
+        and all(_is_float(value[k]) for k in ("mean", "ci_low", "ci_high", "mean_gap"))
+    )
+
+
+def read_confirmation(value: Any, study_name: str) -> dict[str, Any] | None:
+    """Return the confirmation ``autodrop confirm`` stored (``value``), checked; None when there is
+    none, or (with a warning) when it is not what confirm writes: a report still answers without it."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, dict)
+        and set(value) == {"seeds", "candidates", "comparison", "against_best_baseline", "stopped", "verdict"}
+        and isinstance(value["seeds"], list) and len(value["seeds"]) <= MAX_CONFIRM_RUNS
+        and all(_is_confirm_seed(s) for s in value["seeds"])
+        and isinstance(value["candidates"], list) and 0 < len(value["candidates"]) <= 100
+        and all(_is_candidate(c) for c in value["candidates"])
+        and _is_comparison(value["comparison"]) and _is_comparison(value["against_best_baseline"])
+        and value["stopped"] in ("fixed", "decided", "settled", "cap")
+        and _is_label(value["verdict"])
+    ):
+        return value
+    warnings.warn(f"study {shown_text(study_name)} holds a confirmation autodrop confirm does not write "
+                  f"({CONFIRMATION_KEY}); it is left out: run autodrop confirm again.", AutodropWarning, stacklevel=3)
+    return None
+
+
 def read_confirmation_runs(study: Any) -> dict[str, dict[str, list[float]]]:
     """Return the confirmation runs stored with the study, checked (placement key -> seed -> [val
     accuracy, gap]); an entry autodrop would not write is refused."""
@@ -426,8 +561,13 @@ def read_confirmation_runs(study: Any) -> dict[str, dict[str, list[float]]]:
     for key, by_seed in stored.items():
         if not (isinstance(key, str) and isinstance(by_seed, dict)):
             raise bad
+        if len(by_seed) > MAX_CONFIRM_RUNS:
+            raise bad
         for seed, figures in by_seed.items():
-            if not (isinstance(seed, str) and seed.isdigit() and isinstance(figures, list) and len(figures) == 2
+            # The seed is a key: canonical decimal digits of a confirmation seed, nothing else.
+            if not (isinstance(seed, str) and seed.isascii() and seed.isdigit() and len(seed) <= 20
+                    and str(int(seed)) == seed and _is_confirm_seed(int(seed))
+                    and isinstance(figures, list) and len(figures) == 2
                     and _is_accuracy(figures[0]) and _is_number(figures[1]) and -1.0 <= figures[1] <= 1.0):
                 raise bad
         runs[key] = {seed: [float(f) for f in figures] for seed, figures in by_seed.items()}

@@ -217,7 +217,19 @@ class _Worker:
         catch = self.runner.catch if catch is None else catch
         if isinstance(outcome.error, self.runner.catch):
             _logger.warning("trial %d failed: %s", trial.number, outcome.error)
-        frozen = tell_trial(self.study, self.storage, trial, outcome.value, outcome.state, outcome.error, catch)
+        try:
+            frozen = tell_trial(self.study, self.storage, trial, outcome.value, outcome.state, outcome.error, catch)
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            # A locked database or a dropped connection while telling: the trial's work is not
+            # lost (a lone trial's checkpoint holds its last epoch, and its retry only has to be
+            # told), and it is no fault of the trial, so its retries are not used up.
+            _logger.warning("trial %d is queued again: telling how it ended hit a storage error: %s", trial.number, e)
+            self.runner.forget(trial)
+            with self.lock.hold():
+                fail_and_requeue(self.study, self.storage, trial, f"storage error: {type(e).__name__}", counted=False)
+            return
         if frozen is not None:
             self.runner.after(frozen)
 

@@ -104,8 +104,8 @@ def prepare_study(config: SearchConfig) -> PreparedStudy:
             pruner=make_pruner(config.pruner, config.train.epochs, n_val=len(data.val_labels)),
         )
         _record_data_and_sites(study, data, model.kinds)
-        # A study anyone can edit is read back whole before any trial trains: a value autodrop would
-        # not write (a foreign checkpoint path, a rate out of range) stops the run here.
+        # A study anyone can edit is read back whole before any trial trains: a study-wide value
+        # autodrop would not write stops the run here; a trial holding one is left out, with a warning.
         read_trials(study, read_study(study))
         _enqueue_baselines(study, model.kinds, choices, config, model.branches)
         uuid = _study_uuid(study)

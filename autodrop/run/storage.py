@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import optuna
 
@@ -67,18 +68,37 @@ class RetryStaleTrial:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, *, counted: bool = True) -> bool:
         """Queue ``trial`` again; return whether it was (False: its failures used up the budget)."""
-        history = [*trial.system_attrs.get("retry_history", []), trial.number]
-        stops = [*trial.system_attrs.get(STOPS_ATTR, [])] + ([] if counted else [trial.number])
+        attrs = trial.system_attrs
+        earlier = earlier_trials(attrs.get("retry_history"), trial.number)
+        history = [*earlier, trial.number]
+        # Each stop is one earlier attempt, listed once: repeats or strangers never stretch the budget.
+        stops = sorted(set(earlier_trials(attrs.get(STOPS_ATTR), trial.number)) & set(earlier))
+        stops += [] if counted else [trial.number]
         if len(history) - len(stops) > self.max_retry:
             return False
-        system_attrs = {**trial.system_attrs, "failed_trial": trial.system_attrs.get("failed_trial", trial.number),
-                        "retry_history": history, STOPS_ATTR: stops}
+        first = attrs.get("failed_trial")
+        first = first if earlier_trials([first], trial.number) == [first] else trial.number
+        system_attrs = {**attrs, "failed_trial": first, "retry_history": history, STOPS_ATTR: stops}
         study.add_trial(optuna.trial.create_trial(
             state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
             user_attrs=trial.user_attrs, system_attrs=system_attrs,
             intermediate_values=None if trial.user_attrs.get(PACKED) else trial.intermediate_values,
         ))
         return True
+
+
+# The most earlier attempts a retry record may list; a trial retried this often has long been given up.
+MAX_RECORDED_ATTEMPTS = 1000
+
+
+def earlier_trials(value: Any, number: int) -> list[int]:
+    """Return ``value``, a stored list of earlier attempts of trial ``number`` (``retry_history``,
+    the stopped ones), if it is one: trial numbers below ``number``, at most MAX_RECORDED_ATTEMPTS
+    of them. Anything else, which autodrop and Optuna never write, counts as no earlier attempt."""
+    if not (isinstance(value, list) and len(value) <= MAX_RECORDED_ATTEMPTS and all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 <= n < number for n in value)):
+        return []
+    return list(value)
 
 
 def open_storage(url: str, *, must_exist: bool = False) -> optuna.storages.BaseStorage:
@@ -187,3 +207,33 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
         return True
     return isinstance(error, sqlalchemy.exc.DBAPIError) and bool(error.connection_invalidated)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def storage_errors(function: _F) -> _F:
+    """Make ``function``, a command that reads a study, raise StorageError (one line) where the
+    database fails under it (a dropped connection, a locked file, a schema it does not know),
+    instead of the driver's traceback."""
+
+    @functools.wraps(function)
+    def reading(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except Exception as e:
+            if not is_storage_failure(e):
+                raise
+            # The first line only: the driver's later lines quote the statement and its values.
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = "".join(c if c.isprintable() else "?" for c in text)[:300]
+            raise StorageError(f"the study's storage failed while it was read: {reason}") from e
+
+    return reading  # type: ignore[return-value]
+
+
+def is_storage_failure(error: BaseException) -> bool:
+    """Whether ``error`` comes from the database under a study (any SQLAlchemy or Optuna storage error)."""
+    import sqlalchemy.exc
+
+    return isinstance(error, (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from autodrop.config import SearchConfig
-from autodrop.errors import ConfigError
+from autodrop.errors import ConfigError, StorageError
 from autodrop.nets.build import build_model
 from autodrop.run import records
 from autodrop.run.artifacts import keep_weights_if_top, prepare_records, save_trial_note
@@ -42,6 +42,10 @@ def trial_seed(search_seed: int, number: int) -> int:
     return (search_seed * 1_000_003 + number) % 2**31
 
 
+class RefusedTrial(StorageError):
+    """A queued trial holds parameters or a seed autodrop would not ask for: it fails, the worker goes on."""
+
+
 @dataclasses.dataclass
 class TrialSetup:
     """One trial as the study asked for it, and how far it got."""
@@ -60,7 +64,7 @@ class TrialSetup:
 class StudyTrials(TrialRunner):
     """The trials of one search that this process trains on ``device``, ``pack`` at a time."""
 
-    catch = (TrainingDiverged,)
+    catch = (TrainingDiverged, RefusedTrial)
 
     def __init__(self, prepared: Any, config: SearchConfig, device: torch.device, progress: Progress, *,
                  pack: int) -> None:
@@ -81,10 +85,13 @@ class StudyTrials(TrialRunner):
             self.trainer = SoloTrainer(self.data, self.normaliser, config.train, device=device)
         self.capacity, self.packed = self.trainer.capacity, self.trainer.packed
         self.members: dict[int, TrialSetup] = {}  # by trial number, which is each member's tag
-        self.ended_checkpoints: dict[int, TrialCheckpoint] = {}  # of trials about to be told how they ended
+        # By trial number, until this worker tells the trial how it ended (then the file goes) or
+        # queues it again (then its retry resumes from the file).
+        self.checkpoints: dict[int, TrialCheckpoint] = {}
         self.joining: list[Member] = []
         self.leaving: list[int] = []
         self.consecutive_failures = 0
+        self.refused: set[int] = set()  # trials failed at set-up for what was queued: not the settings' fault
         self.gave_up = False  # once set, stays: members still training may finish, none start
 
     def build(self) -> nn.Module:
@@ -98,7 +105,14 @@ class StudyTrials(TrialRunner):
         return [setup.trial for setup in list(self.members.values())]  # a snapshot: the heartbeat reads it
 
     def start(self, trial: optuna.Trial) -> Outcome | None:
-        setup = self.set_up(trial)
+        try:
+            setup = self.set_up(trial)
+        except RefusedTrial as e:
+            # Anyone who can write to the study can queue trials: one that asks for what no search
+            # would (a rate of 7, an unknown kind, a seed that is not a number) ends here, with why.
+            self.refused.add(trial.number)
+            trial.set_user_attr(records.FAIL_REASON, str(e))
+            return Outcome(optuna.trial.TrialState.FAIL, error=e)
         # A retry inherits the steps its predecessor reported: they are not reported again.
         setup.reported_steps = frozenset(self.storage.get_trial(trial._trial_id).intermediate_values)
         self.members[trial.number] = setup
@@ -111,6 +125,7 @@ class StudyTrials(TrialRunner):
             placement_key=records.placement_key(setup.placement, setup.variants), seed=setup.seed,
             epochs=self.epochs, device=self.device,
         )
+        self.checkpoints[trial.number] = setup.checkpoint
         resume = setup.checkpoint.resume
         self.trainer.update(self.leaving, [Member(trial.number, setup.model, setup.seed, resume)])
         self.leaving = []
@@ -146,16 +161,19 @@ class StudyTrials(TrialRunner):
         self.joining = joining
 
     def after(self, trial: optuna.trial.FrozenTrial) -> None:
-        # Only an interrupted or dead worker's trial is retried; every other outcome is final.
-        checkpoint = self.ended_checkpoints.pop(trial.number, None)
+        # Only an interrupted or dead worker's trial is retried; every other outcome, a failure
+        # included, is final: its checkpoint goes, so no later trial ever finds it.
+        checkpoint = self.checkpoints.pop(trial.number, None)
         if checkpoint is not None:
             checkpoint.remove()
         if trial.state in FINISHED_STATES:
             self.consecutive_failures = 0
             best = best_value(self.study)
             self.progress.trial_done(best)
-        elif trial.state == optuna.trial.TrialState.FAIL:
+        elif trial.state == optuna.trial.TrialState.FAIL and trial.number not in self.refused:
+            # A refused queued trial says nothing about the settings: it does not count toward giving up.
             self.consecutive_failures += 1
+        self.refused.discard(trial.number)
 
     def keep_going(self) -> bool:
         self.gave_up = self.gave_up or self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES
@@ -175,14 +193,33 @@ class StudyTrials(TrialRunner):
     # --- what every trial goes through --------------------------------------------------------
 
     def set_up(self, trial: optuna.Trial) -> TrialSetup:
-        """Ask ``trial`` for its placement and build its network from its seed."""
-        placement = suggest_placement(trial, list(self.prepared.sites), self.config.rate_range)
-        variants = suggest_variants(trial, placement, self.prepared.choices)
+        """Ask ``trial`` for its placement and build its network from its seed; raise RefusedTrial
+        when what was queued for it (its parameters, its seed) is not what autodrop would ask for."""
+        where = f"queued trial {trial.number}"
+        sites, rate_range = list(self.prepared.sites), self.config.rate_range
         # A retried trial inherits its seed from the attempt it replaces.
-        seed = int(trial.user_attrs.get(records.SEED, trial_seed(self.config.seed, trial.number)))
+        seed = trial.user_attrs.get(records.SEED, trial_seed(self.config.seed, trial.number))
+        if not records.is_seed(seed):
+            raise RefusedTrial(f"{where} has a seed autodrop does not write: {records.shown(seed)} (seeds are whole "
+                               f"numbers in 0..{records.SEED_LIMIT - 1}).")
+        baseline = trial.user_attrs.get(records.BASELINE)
+        if baseline is not None and not (isinstance(baseline, str) and records.BASELINE_NAME.fullmatch(baseline)):
+            raise RefusedTrial(f"{where} has a baseline name autodrop does not write: {records.shown(baseline)}.")
+        try:
+            # Checked before Optuna takes them: a queued value it finds out of range it warns about and uses.
+            fixed = self.storage.get_trial(trial._trial_id).system_attrs.get("fixed_params", {})
+            records.check_queued_params(fixed, sites, rate_range, where=where)
+            placement = suggest_placement(trial, sites, rate_range)
+            variants = suggest_variants(trial, placement, self.prepared.choices)
+            # A trial queued with its parameters already set (as a retry is) skips the check above.
+            records.check_params(trial.params, sites, rate_range, where=where)
+        except StorageError as e:
+            raise RefusedTrial(str(e)) from e
+        except (ValueError, TypeError) as e:  # Optuna refusing a queued value (not one of the choices)
+            raise RefusedTrial(f"{where} holds parameters autodrop would not ask for: {e}") from e
         trial.set_user_attr(records.SEED, seed)
         model = build_placed_model(self.config, self.data, placement, variants, seed=seed)
-        return TrialSetup(trial, placement, variants, seed, trial.user_attrs.get(records.BASELINE), model)
+        return TrialSetup(trial, placement, variants, seed, baseline, model)
 
     def _epoch_ended(self, setup: TrialSetup, m: EpochMetrics) -> Outcome | None:
         """Put epoch ``m`` on record; return how the trial ended if it ends here."""
@@ -208,8 +245,6 @@ class StudyTrials(TrialRunner):
             # (and its checkpoint, which the retry resumes from).
             self.forget(setup.trial)
             return Outcome(optuna.trial.TrialState.FAIL, error=e)
-        if setup.checkpoint is not None:
-            self.ended_checkpoints[number] = setup.checkpoint
         self.forget(setup.trial)
         return outcome
 

@@ -61,8 +61,9 @@ def save_checkpoint(path: Path, state: TrainingState, owner: Mapping[str, Any]) 
 
 
 def load_checkpoint(path: Path, device: torch.device, owner: Mapping[str, Any], epochs: int) -> TrainingState | None:
-    """Return the state saved at ``path`` if it belongs to ``owner`` and stops before epoch
-    ``epochs``; None (with a warning that says why) if it is missing, unreadable or another's."""
+    """Return the state saved at ``path`` if it belongs to ``owner`` and was saved after one of its
+    ``epochs`` epochs (after the last: the trial only has to be told it finished); None (with a
+    warning that says why) if it is missing, unreadable or another's."""
     if not path.exists():
         warnings.warn(
             f"checkpoint {str(path)!r} of a retried trial is not on this machine; the trial starts over from "
@@ -78,8 +79,8 @@ def load_checkpoint(path: Path, device: torch.device, owner: Mapping[str, Any], 
         if payload.get("owner") != json.dumps(dict(owner), sort_keys=True):
             raise ValueError("it belongs to another study, trial or setting")
         metrics = EpochMetrics(**payload["metrics"])
-        if not 1 <= metrics.epoch < epochs:
-            raise ValueError(f"it was saved after epoch {metrics.epoch}, not before the last of {epochs}")
+        if not 1 <= metrics.epoch <= epochs:
+            raise ValueError(f"it was saved after epoch {metrics.epoch}, not one of the trial's {epochs}")
         return TrainingState(
             metrics=metrics,
             model=payload["model"],

@@ -192,8 +192,9 @@ def test_export_refuses_to_overwrite_the_studys_model_file(tmp_path, option):
         search(data="digits", image_size=16, train_per_class=10, epochs=1, batch_size=32, trials=1, pruner="none",
                device="cpu", model=f"{model_file}:Net", storage=storage)
     outputs = {"--out": str(tmp_path / "w.py"), "--weights": str(tmp_path / "w.pt"), option: str(link)}
+    # The model named again (as export needs): the path compared is the user's, not one the study holds.
     result = CliRunner().invoke(main, ["export", "--storage", storage, "--out", outputs["--out"],
-                                       "--weights", outputs["--weights"]])
+                                       "--weights", outputs["--weights"], "--model", f"{model_file}:Net"])
     assert result.exit_code == 2, result.output
     assert result.output == (f"Error: {option} {str(link)!r} is the study's model file {str(model_file)!r}; "
                              "give another file name.\n")

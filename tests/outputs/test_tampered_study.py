@@ -9,6 +9,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+import optuna
 import pytest
 from click.testing import CliRunner
 
@@ -92,6 +93,9 @@ def _args(command: str, url: str, tmp: Path) -> list[str]:
 # a study's stored data path is shown, never read.
 HARMLESS = {("module-spec", "report"), ("module-spec", "report-html"), ("py-path", "report"),
             ("py-path", "report-html"), ("data-path", "report"), ("data-path", "report-html")}
+# A trial holding a value autodrop does not write is left out, with a warning, and the rest of the
+# study still answers: one edited trial must not take a shared study down.
+LEFT_OUT = {"checkpoint", "rate"}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -109,9 +113,16 @@ def test_a_tampered_study_runs_nothing_writes_nothing_and_is_refused_where_used(
     assert not marker.exists(), f"{field} made {command} run its payload"
     assert not (tmp_path / "victim").exists()
     after = {p for p in tmp_path.rglob("*") if "out" not in p.relative_to(tmp_path).parts[:1]}
-    assert after - before <= {copy.db.with_name("study.db-journal")}, sorted(map(str, after - before))
+    own = {copy.db.with_name("study.db-journal")}
+    if command == "search":  # a search that goes on keeps weights in its own folder beside the database
+        own |= {copy.folder / "study-artifacts", *(copy.folder / "study-artifacts").rglob("*")}
+    assert after - before <= own, sorted(map(str, after - before))
     if (field, command) in HARMLESS:
         assert result.exit_code in (0, 2), result.output
+    elif field in LEFT_OUT:
+        assert "are left out" in result.output, result.output[-2000:]
+        # Confirm needs the no-dropout baseline, which is the trial edited for "checkpoint".
+        assert result.exit_code == (2 if (field, command) == ("checkpoint", "confirm") else 0), result.output[-2000:]
     else:
         lines = [line for line in result.output.strip().splitlines() if line.startswith("Error:")]
         assert result.exit_code == 2, (field, command, result.output[-2000:])
@@ -128,7 +139,8 @@ def test_naming_the_users_model_again_is_what_lets_export_import_it(tmp_path, mo
                     pruner="none", model=f"{model}:Net", storage=storage, study="mine")
     marker.unlink()
     refused = CliRunner().invoke(main, ["export", "--storage", storage, "--out", str(tmp_path / "w.py")])
-    assert refused.exit_code == 2 and f"pass --model {model}:Net" in refused.output and not marker.exists()
+    assert refused.exit_code == 2 and "name the model again with --model" in refused.output and not marker.exists()
+    assert f"--model {model}" not in refused.output  # a stored spec is never offered as a command to copy
     other = CliRunner().invoke(main, ["export", "--storage", storage, "--out", str(tmp_path / "w.py"),
                                       "--model", str(tmp_path / "other.py") + ":Net"])
     assert other.exit_code == 2 and "records the model" in other.output and not marker.exists()
@@ -145,10 +157,35 @@ def test_an_absolute_recorded_weights_folder_is_never_written_or_read(tiny_study
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["export", "--storage", copy.url, "--out", str(tmp_path / "w.py"),
                                        "--weights", str(tmp_path / "w.pt")])
-    assert result.exit_code == 0, result.output
-    assert "retrained" in result.output  # no weights beside the copied database: never looked for elsewhere
+    # No weights beside the copied database: the recorded folder is named, never looked in.
+    assert result.exit_code == 2 and str(elsewhere) in result.output and "--artifact-dir" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not elsewhere.exists()
+    retrained = CliRunner().invoke(main, ["export", "--storage", copy.url, "--out", str(tmp_path / "w.py"),
+                                          "--weights", str(tmp_path / "w.pt"), "--artifact-dir", str(tmp_path / "none")])
+    assert retrained.exit_code == 0 and "retrained" in retrained.output, retrained.output
     assert not elsewhere.exists()
     assert os.path.getsize(tmp_path / "w.pt") > 0
+
+
+def test_weights_kept_in_a_folder_moved_since_are_used_from_the_artifact_dir_given(tiny_study, tmp_path,
+                                                                                    monkeypatch):
+    import shutil
+
+    copy = tiny_study.copy_to(tmp_path / "study")
+    moved = tmp_path / "moved-weights"
+    shutil.copytree(tiny_study.artifact_dir, moved)  # the search kept them beside the original database
+    monkeypatch.chdir(tmp_path)
+    out = ["export", "--storage", copy.url, "--out", str(tmp_path / "w.py"), "--weights", str(tmp_path / "w.pt")]
+    refused = CliRunner().invoke(main, out)
+    assert refused.exit_code == 2 and str(tiny_study.artifact_dir) in refused.output, refused.output
+    used = CliRunner().invoke(main, [*out, "--artifact-dir", str(moved)])
+    assert used.exit_code == 0 and "retrained" not in used.output, used.output
+    for kept in moved.rglob("*"):  # another file under the kept one's id: its digest gives it away
+        if kept.is_file():
+            kept.write_bytes(kept.read_bytes()[:-1] + b"x")
+    tampered = CliRunner().invoke(main, [*out, "--artifact-dir", str(moved)])
+    assert tampered.exit_code == 2 and "digest differs" in tampered.output, tampered.output
 
 
 def test_an_uploaded_file_named_like_weights_is_never_taken_for_a_trials_weights(tiny_study, tmp_path, monkeypatch):
@@ -181,3 +218,105 @@ def test_an_uploaded_file_named_like_weights_is_never_taken_for_a_trials_weights
     assert result.exit_code == 0, result.output
     assert "retrained it with its seed" in result.output  # the uploaded file was not used
     assert "planted" not in torch.load(tmp_path / "w.pt", weights_only=True)
+
+
+GOOD_CANDIDATE = {"label": "none", "trial": 0, "baseline": "none", "description": "no dropout",
+                  "seeds": [900_000_000, 900_000_001], "accuracies": [0.5, 0.6], "gaps": [0.0, 0.1], "mean": 0.55,
+                  "ci_low": 0.4, "ci_high": 0.7, "mean_gap": 0.05}
+GOOD_CONFIRMATION = {"seeds": [900_000_000, 900_000_001], "candidates": [GOOD_CANDIDATE], "comparison": None,
+                     "against_best_baseline": None, "stopped": "fixed", "verdict": "a verdict"}
+
+
+@pytest.mark.parametrize("confirmation", [
+    {"candidates": 5},
+    {**GOOD_CONFIRMATION, "candidates": [{**GOOD_CANDIDATE, "seeds": [5, 2**80]}]},
+    {**GOOD_CONFIRMATION, "candidates": [{**GOOD_CANDIDATE, "ci_low": "x"}]},
+    {**GOOD_CONFIRMATION, "comparison": {"winner": 1}},
+    {**GOOD_CONFIRMATION, "verdict": None},
+])
+def test_a_confirmation_autodrop_does_not_write_is_left_out_and_the_report_answers(tiny_study, tmp_path,
+                                                                                   confirmation):
+    copy = tiny_study.copy_to(tmp_path / "study")
+    copy.load().set_user_attr(records.CONFIRMATION_KEY, confirmation)
+    result = CliRunner().invoke(main, ["report", "--storage", copy.url])
+    assert result.exit_code == 0, result.output
+    assert "confirmation autodrop confirm does not write" in result.output and "Confirmation (" not in result.output
+    copy.load().set_user_attr(records.CONFIRMATION_KEY, GOOD_CONFIRMATION)  # what confirm writes is shown
+    shown = CliRunner().invoke(main, ["report", "--storage", copy.url])
+    assert shown.exit_code == 0 and "Confirmation (2 fresh seeds" in shown.output, shown.output
+
+
+@pytest.mark.parametrize("by_seed", [{"5": [0.5, 0.0]}, {"٩٠٠٠٠٠٠٠٠": [0.5, 0.0]}, {"0900000000": [0.5, 0.0]},
+                                     {str(10**30): [0.5, 0.0]}])
+def test_confirmation_runs_under_seeds_confirm_never_uses_are_refused(tiny_study, tmp_path, by_seed):
+    from autodrop.errors import StorageError
+
+    study = tiny_study.copy_to(tmp_path / "study").load()
+    study.set_user_attr(records.CONFIRMATION_RUNS_KEY, {"none": by_seed})
+    with pytest.raises(StorageError, match="confirmation runs"):
+        records.read_confirmation_runs(study)
+
+
+def test_a_storage_that_fails_while_it_is_read_is_a_one_line_error(tiny_study, tmp_path, monkeypatch):
+    import optuna
+    import sqlalchemy.exc
+
+    copy = tiny_study.copy_to(tmp_path / "study")
+
+    def connection_dropped(self, *args, **kwargs):
+        raise sqlalchemy.exc.OperationalError("SELECT ...", {"secret": 1}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "get_study_user_attrs", connection_dropped)
+    for args in (["report", "--storage", copy.url],
+                 ["export", "--storage", copy.url, "--out", str(tmp_path / "w.py")],
+                 ["confirm", "--storage", copy.url, "--seeds", "2", "--quiet"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("Error: the study's storage failed while it was read: ")
+        assert "server closed the connection" in result.output
+        assert len(result.output.strip().splitlines()) == 1 and "secret" not in result.output
+
+
+def test_stored_text_reaches_the_terminal_without_control_characters(tiny_study, tmp_path):
+    copy = tiny_study.copy_to(tmp_path / "study")
+    study = copy.load()
+    data = dict(study.user_attrs[records.DATA_KEY], name="digits\x1b[2J\x1b[31m\rall good\u202e")
+    study.set_user_attr(records.DATA_KEY, data)
+    study.set_user_attr(records.CONFIRMATION_KEY, {**GOOD_CONFIRMATION, "verdict": "\x1b]0;owned\x07\rfine",
+                                                   "candidates": [{**GOOD_CANDIDATE, "description": "\x1b[1A"}]})
+    with sqlite3.connect(copy.db) as connection:
+        connection.execute("UPDATE studies SET study_name = ?", ("tiny\x1b[2K\r",))
+    for args in (["report", "--storage", copy.url],
+                 ["export", "--storage", copy.url, "--out", str(tmp_path / "w.py"), "--trial", "99"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code in (0, 2), result.output
+        assert not any(c in result.output for c in "\x1b\r\x07\u202e"), repr(result.output[-500:])
+    report = CliRunner().invoke(main, ["report", "--storage", copy.url])
+    assert "all good" in report.output and "fine" in report.output
+
+
+def test_a_users_model_gets_only_the_arguments_the_user_gives_again(tmp_path):
+    import autodrop
+
+    marker = tmp_path / "marker"
+    model = f"{_evil_module(tmp_path, marker)}:Net"
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    autodrop.search(data="digits", image_size=16, train_per_class=10, epochs=1, batch_size=64, trials=1,
+                    pruner="none", model=model, model_args={"width": 4}, storage=storage, study="mine")
+    marker.unlink()
+    export = ["export", "--storage", storage, "--out", str(tmp_path / "w.py"), "--model", model]
+    for given in ([], ["--model-arg", "width=5"], ["--model-arg", "width=true"]):
+        refused = CliRunner().invoke(main, [*export, *given])
+        assert refused.exit_code == 2 and "records the model arguments 'width=4'" in refused.output, refused.output
+        assert len(refused.output.strip().splitlines()) == 1 and not marker.exists()
+    # Someone adds an argument to the stored ones: the user's own --model-arg no longer matches them.
+    study = optuna.load_study(study_name="mine", storage=storage)
+    _set_setting(study, "model-args", {"width": 4, "path": "/home/u/.ssh/id_rsa"})
+    for command in (export, ["report", "--storage", storage, "--html", str(tmp_path / "r.html"), "--model", model]):
+        refused = CliRunner().invoke(main, [*command, "--model-arg", "width=4"])
+        assert refused.exit_code == 2 and "--model-arg" in refused.output, refused.output
+        assert not marker.exists()
+    _set_setting(study, "model-args", {"width": 4})
+    named = CliRunner().invoke(main, [*export, "--model-arg", "width=4"])
+    assert named.exit_code == 0, named.output
+    assert marker.exists()  # the user named the model and its arguments: autodrop built it, as asked

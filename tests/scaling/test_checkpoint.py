@@ -87,7 +87,7 @@ def test_resumed_training_matches_uninterrupted_training(data: ImageData, tmp_pa
         assert torch.equal(tensor, resumed.state_dict()[name]), name
 
 
-def test_a_checkpoint_is_used_only_by_its_own_trial_and_before_its_last_epoch(data: ImageData, tmp_path: Path) -> None:
+def test_a_checkpoint_is_used_only_by_its_own_trial_and_up_to_its_last_epoch(data: ImageData, tmp_path: Path) -> None:
     config = TrainConfig(epochs=2, batch_size=16, device="cpu")
     path = checkpoint_path(tmp_path, "study", UUID, 1)
     states: list[TrainingState] = []
@@ -99,10 +99,12 @@ def test_a_checkpoint_is_used_only_by_its_own_trial_and_before_its_last_epoch(da
     for key, other in (("study", "f" * 32), ("trial", 2), ("placement", "fc1=0.5"), ("seed", 4), ("epochs", 3)):
         with pytest.warns(AutodropWarning, match="belongs to another study, trial or setting"):
             assert load_checkpoint(path, CPU, dict(owner, **{key: other}), 2) is None
-    # Saved after the last epoch (killed before the trial was told): a retry trains it again.
+    # Saved after the last epoch (killed before the trial was told): a retry only has to tell it.
     save_checkpoint(path, states[1], owner)
-    with pytest.warns(AutodropWarning, match="not before the last of 2"):
-        assert load_checkpoint(path, CPU, owner, 2) is None
+    resume = load_checkpoint(path, CPU, owner, 2)
+    assert resume is not None and resume.metrics.epoch == 2
+    with pytest.warns(AutodropWarning, match="not one of the trial's 1"):
+        assert load_checkpoint(path, CPU, owner, 1) is None
 
 
 def test_missing_or_broken_checkpoint_starts_over_with_a_warning(tmp_path: Path) -> None:

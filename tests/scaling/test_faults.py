@@ -267,3 +267,57 @@ def test_a_checkpoint_file_of_a_finished_study_is_kept_out_of_the_next_one(tiny_
     assert any(old[:12] in p.name for p in (tmp_path / "autodrop-checkpoints").iterdir())  # left alone, unused
     assert sqlite3.connect(tmp_path / "s.db").execute("SELECT COUNT(*) FROM trials").fetchone()[0] == 1
     assert _trials(config)[0].state in FINISHED_STATES
+
+
+def test_a_trial_whose_last_epoch_was_saved_but_not_told_finishes_on_resume_without_training(tiny_images, tmp_path,
+                                                                                             monkeypatch):
+    from autodrop.run.trials import StudyTrials
+
+    monkeypatch.chdir(tmp_path)
+    real_finish = StudyTrials.record_finish
+
+    def killed_before_telling(self, setup, metrics, model):
+        raise KeyboardInterrupt  # the last epoch's checkpoint is written; the trial was never told
+
+    monkeypatch.setattr(StudyTrials, "record_finish", killed_before_telling)
+    config = _config(tiny_images, tmp_path / "s.db", trials=1, epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        search(config=config)
+    monkeypatch.setattr(StudyTrials, "record_finish", real_finish)
+    epochs_trained: list[int] = []
+    real_epoch = TrialTrainer.train_epoch
+    monkeypatch.setattr(TrialTrainer, "train_epoch", lambda self: epochs_trained.append(1) or real_epoch(self))
+    result = search(config=config)
+    trials = _trials(config)
+    assert result.n_finished == 1 and epochs_trained == []
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].user_attrs[records.RESUMED_AT] == 3 and records.TRAIN_ACCURACY in trials[1].user_attrs
+    assert not list((tmp_path / "autodrop-checkpoints").rglob("*.pt"))
+
+
+def test_a_storage_error_while_telling_requeues_the_trial_without_using_its_retries(tiny_images, tmp_path,
+                                                                                   monkeypatch):
+    import sqlalchemy.exc
+
+    from autodrop.run.storage import STOPS_ATTR
+
+    monkeypatch.chdir(tmp_path)
+    real_tell = optuna.Study.tell
+    hiccups = {"left": 1}
+
+    def connection_dropped_once(self, trial, values=None, state=None, skip_if_finished=False):
+        if state == TrialState.COMPLETE and trial.number == 1 and hiccups["left"]:
+            hiccups["left"] -= 1
+            raise sqlalchemy.exc.OperationalError("UPDATE trials ...", {}, Exception("server closed the connection"))
+        return real_tell(self, trial, values, state=state, skip_if_finished=skip_if_finished)
+
+    monkeypatch.setattr(optuna.Study, "tell", connection_dropped_once)
+    config = _config(tiny_images, tmp_path / "s.db", trials=3)
+    result = search(config=config)
+    trials = _trials(config)
+    assert result.n_finished == 3 and hiccups["left"] == 0
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert [t.number for t in failed] == [1] and failed[0].user_attrs[records.FAIL_REASON].startswith("storage error")
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == 1)
+    assert retry.state == TrialState.COMPLETE and retry.system_attrs[STOPS_ATTR] == [1]  # not a counted failure
+    assert retry.user_attrs[records.RESUMED_AT] == 4  # its last epoch was kept: it was only told
