@@ -21,6 +21,7 @@ from autodrop.config import (
     IN_BLOCK,
     LR_SCHEDULES,
     OPTIMIZERS,
+    PRECISIONS,
     PRUNERS,
     SAMPLERS,
     SCHEDULES,
@@ -49,6 +50,9 @@ _TRUSTED_DATA_HELP = ("The folder of images the study was searched on, named aga
                       "autodrop reads no folder a study names. Not needed for the built-in digits.")
 _IN_BLOCK_HELP = ("Sites inside a block class the model repeats (ResNet's BasicBlock), before each inner "
                   "convolution: one decision for all blocks of a stage, one per block, or none.")
+_PRECISION_HELP = ("Arithmetic of training and evaluation: fp32, bf16 autocast (weights, optimiser state, batch-norm "
+                   "statistics and the loss stay float32), or auto: bf16 where the device computes it natively "
+                   "(a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16), else fp32.")
 _MODEL_ARG_HELP = "An argument for your model's constructor, e.g. --model-arg width=16 (repeatable)."
 
 
@@ -100,6 +104,8 @@ def main() -> None:
 @click.option("--augment", default="none", show_default=True,
               help=f"none, or a comma-separated list of {', '.join(AUGMENTATIONS)} (training batches only). "
                    "flip,crop suits photos; leave digits and text unflipped.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=TrainConfig.precision, show_default=True,
+              help=_PRECISION_HELP + " A study keeps the precision it was made in; naming another is refused.")
 @click.option("--rate-range", type=(float, float), default=_DEFAULTS.rate_range, show_default=True,
               help="Lowest and highest dropout rate searched.")
 @click.option("--kinds", default=",".join(_DEFAULTS.kinds), show_default=True,
@@ -283,11 +289,13 @@ def export(study: str | None, storage: str | None, trial: int | None, out: str, 
 @click.option("--max-seeds", type=int, default=10, show_default=True, help="The cap when seeds are added as needed.")
 @click.option("--top", type=int, default=3, show_default=True, help="Best searched placements to retrain.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help=_PRECISION_HELP + "  [default: the study's own]")
 @click.option("--model", default=None, help=_TRUSTED_MODEL_HELP)
 @click.option("--data", default=None, help=_TRUSTED_DATA_HELP)
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def confirm(study_name: str | None, storage: str | None, seeds: int | None, max_seeds: int, top: int, device: str,
-            model: str | None, data: str | None, quiet: bool) -> None:
+            precision: str | None, model: str | None, data: str | None, quiet: bool) -> None:
     """Retrain the top placements and every baseline with fresh seeds, and test the lead."""
     from autodrop.outputs.text import format_confirmation
 
@@ -299,7 +307,7 @@ def confirm(study_name: str | None, storage: str | None, seeds: int | None, max_
         from autodrop.run.confirm import confirm_study
 
         confirmation = confirm_study(study_name, storage, n_seeds=seeds, max_seeds=max_seeds, top=top, device=device,
-                                     model=model, data=data, on_run=on_run)
+                                     precision=precision, model=model, data=data, on_run=on_run)
     except AutodropError as e:
         raise UserInputError(str(e)) from e
     click.echo(format_confirmation(confirmation.to_dict()))
