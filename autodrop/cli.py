@@ -291,11 +291,14 @@ def export(study: str | None, storage: str | None, trial: int | None, out: str, 
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help=_PRECISION_HELP + "  [default: the study's own]")
+@click.option("--pack", type=click.IntRange(min=1), default=None,
+              help="Seeds of one placement trained at once as one packed network, each as it would train alone. "
+                   "Default: as search packs trials (8 per GPU, 1 on a CPU).")
 @click.option("--model", default=None, help=_TRUSTED_MODEL_HELP)
 @click.option("--data", default=None, help=_TRUSTED_DATA_HELP)
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def confirm(study_name: str | None, storage: str | None, seeds: int | None, max_seeds: int, top: int, device: str,
-            precision: str | None, model: str | None, data: str | None, quiet: bool) -> None:
+            precision: str | None, pack: int | None, model: str | None, data: str | None, quiet: bool) -> None:
     """Retrain the top placements and every baseline with fresh seeds, and test the lead."""
     from autodrop.outputs.text import format_confirmation
 
@@ -303,11 +306,16 @@ def confirm(study_name: str | None, storage: str | None, seeds: int | None, max_
         if not quiet:
             click.echo(f"  training {label}, seed {seed_index + 1}", err=True)
 
+    def on_note(text: str) -> None:
+        if not quiet:
+            click.echo(f"  {text}", err=True)
+
     try:
         from autodrop.run.confirm import confirm_study
 
         confirmation = confirm_study(study_name, storage, n_seeds=seeds, max_seeds=max_seeds, top=top, device=device,
-                                     precision=precision, model=model, data=data, on_run=on_run)
+                                     precision=precision, pack=pack, model=model, data=data, on_run=on_run,
+                                     on_note=on_note)
     except AutodropError as e:
         raise UserInputError(str(e)) from e
     click.echo(format_confirmation(confirmation.to_dict()))
