@@ -21,6 +21,7 @@ from autodrop.config import (
     IN_BLOCK,
     LR_SCHEDULES,
     OPTIMIZERS,
+    PRECISIONS,
     PRUNERS,
     SAMPLERS,
     SCHEDULES,
@@ -51,6 +52,9 @@ _IN_BLOCK_HELP = ("Sites inside a block class the model repeats (ResNet's BasicB
                   "convolution: one decision for all blocks of a stage, one per block, or none.")
 _TRUSTED_MODEL_ARG_HELP = ("An argument of the study's own model, given again as the search got it (repeatable): "
                            "autodrop passes no argument a study names to your code.")
+_PRECISION_HELP = ("Arithmetic of training and evaluation: fp32, bf16 autocast (weights, optimiser state, batch-norm "
+                   "statistics and the loss stay float32), or auto: bf16 where the device computes it natively "
+                   "(a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16), else fp32.")
 _MODEL_ARG_HELP = "An argument for your model's constructor, e.g. --model-arg width=16 (repeatable)."
 
 
@@ -113,6 +117,8 @@ def main() -> None:
 @click.option("--augment", default="none", show_default=True,
               help=f"none, or a comma-separated list of {', '.join(AUGMENTATIONS)} (training batches only). "
                    "flip,crop suits photos; leave digits and text unflipped.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=TrainConfig.precision, show_default=True,
+              help=_PRECISION_HELP + " A study keeps the precision it was made in; naming another is refused.")
 @click.option("--rate-range", type=(float, float), default=_DEFAULTS.rate_range, show_default=True,
               help="Lowest and highest dropout rate searched.")
 @click.option("--kinds", default=",".join(_DEFAULTS.kinds), show_default=True,
@@ -300,12 +306,18 @@ def export(study: str | None, storage: str | None, trial: int | None, out: str, 
 @click.option("--max-seeds", type=int, default=10, show_default=True, help="The cap when seeds are added as needed.")
 @click.option("--top", type=int, default=3, show_default=True, help="Best searched placements to retrain.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help=_PRECISION_HELP + "  [default: the study's own]")
+@click.option("--pack", type=click.IntRange(min=1), default=None,
+              help="Seeds of one placement trained at once as one packed network, each as it would train alone. "
+                   "Default: as search packs trials (8 per GPU, 1 on a CPU).")
 @click.option("--model", default=None, help=_TRUSTED_MODEL_HELP)
 @click.option("--model-arg", "model_arg", multiple=True, metavar="KEY=VALUE", help=_TRUSTED_MODEL_ARG_HELP)
 @click.option("--data", default=None, help=_TRUSTED_DATA_HELP)
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def confirm(study_name: str | None, storage: str | None, seeds: int | None, max_seeds: int, top: int, device: str,
-            model: str | None, model_arg: tuple[str, ...], data: str | None, quiet: bool) -> None:
+            precision: str | None, pack: int | None, model: str | None, model_arg: tuple[str, ...], data: str | None,
+            quiet: bool) -> None:
     """Retrain the top placements and every baseline with fresh seeds, and test the lead."""
     from autodrop.outputs.text import format_confirmation
 
@@ -313,11 +325,16 @@ def confirm(study_name: str | None, storage: str | None, seeds: int | None, max_
         if not quiet:
             click.echo(_printable(f"  training {label}, seed {seed_index + 1}"), err=True)
 
+    def on_note(text: str) -> None:
+        if not quiet:
+            click.echo(f"  {text}", err=True)
+
     try:
         from autodrop.run.confirm import confirm_study
 
         confirmation = confirm_study(study_name, storage, n_seeds=seeds, max_seeds=max_seeds, top=top, device=device,
-                                     model=model, data=data, on_run=on_run, model_args=model_arg)
+                                     precision=precision, pack=pack, model=model, model_args=model_arg, data=data,
+                                     on_run=on_run, on_note=on_note)
     except AutodropError as e:
         raise UserInputError(str(e)) from e
     click.echo(format_confirmation(confirmation.to_dict()))

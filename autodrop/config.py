@@ -46,6 +46,9 @@ OPTIMIZERS = ("adam", "sgd")
 DEFAULT_LR = {"adam": 2e-3, "sgd": 0.05}
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
 AUGMENTATIONS = ("flip", "crop", "cutout")
+# The arithmetic of training and evaluation: float32, bf16 autocast, or auto (bf16 where the device
+# computes it natively, training/device.py). A study stores the one it trained in, never "auto".
+PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BUILTIN_DATASETS = ("digits",)  # data names that are not folders
 DEFAULT_STORAGE_FILE = "autodrop.db"
@@ -78,6 +81,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant, cosine (5% linear warm-up) or onecycle; stepped every batch
     label_smoothing: float = 0.0  # share of each target spread over the other classes, in [0, 1)
     augment: tuple[str, ...] = ()  # of AUGMENTATIONS, applied to each training batch on the device
+    precision: str = "auto"  # of PRECISIONS; a study's stored settings hold fp32 or bf16
 
     @property
     def learning_rate(self) -> float:
@@ -85,7 +89,7 @@ class TrainConfig:
         return self.lr if self.lr is not None else DEFAULT_LR.get(self.optimizer, DEFAULT_LR["adam"])
 
     def describe(self) -> str:
-        """Return the recipe in words, e.g. "Adam 2e-3, cosine, weight decay 5e-4, flip+crop, 30 epochs"."""
+        """Return the recipe in words, e.g. "Adam 2e-3, cosine, weight decay 5e-4, flip+crop, 30 epochs, bf16 autocast"."""
         schedule = {"constant": "constant rate", "cosine": "cosine", "onecycle": "one-cycle"}.get(self.lr_schedule,
                                                                                                self.lr_schedule)
         parts = [f"{'Adam' if self.optimizer == 'adam' else 'SGD (Nesterov)'} {self.learning_rate:g}",
@@ -94,6 +98,7 @@ class TrainConfig:
         if self.label_smoothing:
             parts.append(f"label smoothing {self.label_smoothing:g}")
         parts.append(f"batch {self.batch_size}, {self.epochs} epoch{'s' if self.epochs != 1 else ''}")
+        parts.append({"fp32": "float32", "bf16": "bf16 autocast"}.get(self.precision, "precision auto"))
         return ", ".join(parts)
 
 
@@ -190,6 +195,8 @@ def validate(config: SearchConfig) -> SearchConfig:
     _check(all(a in AUGMENTATIONS for a in train.augment) and len(set(train.augment)) == len(train.augment),
            f"--augment must be none or a comma-separated list of {', '.join(AUGMENTATIONS)}, but got "
            f"{','.join(train.augment)!r}.")
+    _check(train.precision in PRECISIONS,
+           f"--precision must be one of {', '.join(PRECISIONS)}, but got {train.precision!r}.")
     _check(
         _DEVICE_PATTERN.fullmatch(train.device) is not None,
         f"--device must be one of {', '.join(DEVICES)} or cuda:N, but got {train.device!r}.",
@@ -270,7 +277,8 @@ _DATA_KEYS = {"data": "source", "image-size": "image_size", "channels": "channel
               "val-fraction": "val_fraction", "train-per-class": "train_per_class"}
 _TRAIN_KEYS = {"epochs": "epochs", "batch-size": "batch_size", "lr": "lr", "device": "device",
                "schedule": "schedule", "optimizer": "optimizer", "weight-decay": "weight_decay",
-               "lr-schedule": "lr_schedule", "label-smoothing": "label_smoothing", "augment": "augment"}
+               "lr-schedule": "lr_schedule", "label-smoothing": "label_smoothing", "augment": "augment",
+               "precision": "precision"}
 _SEARCH_KEYS = {"model": "model", "model-args": "model_args", "trials": "trials", "rate-range": "rate_range", "kinds": "kinds",
                 "slots": "slots", "in-block": "in_block", "pruner": "pruner", "sampler": "sampler", "seed": "seed", "study": "study", "storage": "storage",
                 "timeout": "timeout",

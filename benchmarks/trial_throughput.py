@@ -9,7 +9,12 @@ digits at 32x32, written out as PNG files), same epochs, batch size 128, Adam at
 (c) several trials at once as one packed model (autodrop.packed.PackTrainer), in trial-images/s;
 (b+) and (c+): (b) and (c) with the realistic recipe: flip and crop augmentation on the device,
     a cosine schedule and weight decay 5e-4 (``--augment flip,crop --lr-schedule cosine
-    --weight-decay 5e-4``). The recipe's cost is (b+) against (b), measured in the same run.
+    --weight-decay 5e-4``). The recipe's cost is (b+) against (b), measured in the same run;
+(d) (b) in bf16 autocast (``--precision bf16``), where the CPU computes bf16 natively (AMX or
+    AVX512-BF16; ``--bf16 yes`` measures it on any CPU, where it is emulated and slow).
+
+Rows (b) to (c+) train in float32 on a CPU and as ``--precision auto`` picks on a GPU (bf16 where
+it has it); each row names its precision, and the CPU's capability as PyTorch reports it is printed.
 
 An "epoch" is one pass over the training images plus one evaluation of the validation images, in
 every loop; images/s is training images per second of that. Each figure is the median of
@@ -17,7 +22,7 @@ every loop; images/s is training images per second of that. Each figure is the m
 convolutions and linear layers (training = 3x forward) against the device's measured matmul rate.
 
 Results and the machine they came from: benchmarks/README.md.
-Usage: python benchmarks/trial_throughput.py [--size N] [--device auto|cpu|cuda] [--epochs E]
+Usage: python benchmarks/trial_throughput.py [--size N] [--device auto|cpu|cuda] [--epochs E] [--bf16 auto|yes|no]
 The last line printed is ``speedup vs tutorial loop: R.RRx`` ((b) over (a), images/s); the one
 before it ``realistic recipe vs plain loop: R.RRx`` ((b+) over (b)).
 """
@@ -45,7 +50,12 @@ from autodrop.config import DataConfig, TrainConfig  # noqa: E402
 from autodrop.nets.build import ModelShape, build_model  # noqa: E402
 from autodrop.nets.sites import DropSite, apply_placement, site_kinds  # noqa: E402
 from autodrop.training.data import ImageData, load_data  # noqa: E402
-from autodrop.training.device import resolve_device  # noqa: E402
+from autodrop.training.device import (  # noqa: E402
+    cpu_capabilities,
+    native_bf16,
+    resolve_device,
+    resolve_precision,
+)
 from autodrop.training.loop import Member, train_trial  # noqa: E402
 from autodrop.training.normaliser import Normaliser  # noqa: E402
 from autodrop.training.packed import PackTrainer, auto_pack_size  # noqa: E402
@@ -68,11 +78,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pack", type=int, default=None, help="members of the packed run (default: 8 on CUDA, 4 on CPU)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the tutorial loop (Optuna's example: 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--bf16", default="auto", choices=("auto", "yes", "no"),
+                        help="measure (d), the loop in bf16: where the CPU has native bf16 (auto), always, or never")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     pack = args.pack or (auto_pack_size(device, 64) if device.type == "cuda" else 4)
+    # float32 on a CPU, as every earlier figure; on a GPU what --precision auto picks, as a search would.
+    precision = resolve_precision("auto", device) if device.type == "cuda" else "fp32"
+    plain, realistic = replace(PLAIN, precision=precision), replace(REALISTIC, precision=precision)
+    native = native_bf16(device)
+    with_bf16 = device.type == "cpu" and (args.bf16 == "yes" or (args.bf16 == "auto" and native))
     torch.manual_seed(0)
 
     digits = load_data(DataConfig(source="digits", image_size=args.image_size))
@@ -80,6 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     n_train, n_val = len(data.train_labels), len(data.val_labels)
     shape = ModelShape(data.channels, data.n_classes, data.image_size)
     print(f"device: {_describe(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    found = cpu_capabilities()
+    print(f"cpu capability: {found['capability']}; native bf16: {'yes' if native_bf16(torch.device('cpu')) else 'no'} "
+          f"(amx_bf16 {_yes(found.get('amx_bf16'))}, avx512_bf16 {_yes(found.get('avx512_bf16'))})")
     print(f"data: digits at {args.image_size}x{args.image_size}, {n_train} train / {n_val} val images; "
           f"model {MODEL}, every site at {RATE}; batch {BATCH_SIZE}; {args.epochs} epochs; "
           f"median of {args.repeats} repeats")
@@ -99,11 +119,14 @@ def main(argv: list[str] | None = None) -> None:
 
         runs: dict[str, Callable[[int], float]] = {
             "tutorial": lambda epochs: _tutorial(folder, shape, device, epochs, args.workers, normaliser),
-            "autodrop": lambda epochs: _autodrop(on_device, normaliser, shape, device, epochs, PLAIN),
-            "recipe": lambda epochs: _autodrop(on_device, normaliser, shape, device, epochs, REALISTIC),
-            "packed": lambda epochs: _packed(on_device, normaliser, shape, device, epochs, pack, PLAIN),
-            "packed-recipe": lambda epochs: _packed(on_device, normaliser, shape, device, epochs, pack, REALISTIC),
+            "autodrop": lambda epochs: _autodrop(on_device, normaliser, shape, device, epochs, plain),
+            "recipe": lambda epochs: _autodrop(on_device, normaliser, shape, device, epochs, realistic),
+            "packed": lambda epochs: _packed(on_device, normaliser, shape, device, epochs, pack, plain),
+            "packed-recipe": lambda epochs: _packed(on_device, normaliser, shape, device, epochs, pack, realistic),
         }
+        if with_bf16:
+            bf16 = replace(plain, precision="bf16")
+            runs["bf16"] = lambda epochs: _autodrop(on_device, normaliser, shape, device, epochs, bf16)
         for run in runs.values():  # warm-up: kernels chosen, caches and allocator primed
             run(1)
         seconds: dict[str, list[float]] = {name: [] for name in runs}
@@ -121,18 +144,28 @@ def main(argv: list[str] | None = None) -> None:
     floor = matmul / (epoch_flops / n_train)
 
     print()
-    print(f"{'loop':44s} {'images/s':>10s} {'vs tutorial':>12s} {'GFLOP/s':>9s} {'of matmul':>10s}")
+    print(f"{'loop':44s} {'precision':>9s} {'images/s':>10s} {'vs tutorial':>12s} {'GFLOP/s':>9s} {'of matmul':>10s}")
     labels = {
         "tutorial": "(a) tutorial loop (ImageFolder + DataLoader)",
         "autodrop": "(b) autodrop trial loop",
         "recipe": "(b+) the same, realistic recipe",
         "packed": f"(c) {pack} trials packed (trial-images/s)",
         "packed-recipe": "(c+) the same, realistic recipe",
+        "bf16": "(d) autodrop trial loop in bf16" + ("" if native else " (emulated)"),
     }
+    precisions = {name: precision for name in labels} | {"tutorial": "fp32", "bf16": "bf16"}
     for name, label in labels.items():
+        if name not in rate:
+            continue
         achieved = rate[name] * epoch_flops / n_train
-        print(f"{label:44s} {rate[name]:10,.0f} {rate[name] / rate['tutorial']:11.2f}x "
+        print(f"{label:44s} {precisions[name]:>9s} {rate[name]:10,.0f} {rate[name] / rate['tutorial']:11.2f}x "
               f"{achieved / 1e9:9.1f} {100 * achieved / matmul:9.1f}%")
+    if "bf16" in rate:
+        print(f"bf16 vs {precision} trial loop: {rate['bf16'] / rate['autodrop']:.2f}x; bf16 vs tutorial loop: "
+              f"{rate['bf16'] / rate['tutorial']:.2f}x")
+    elif device.type == "cpu":
+        print("(d) bf16 row left out: this CPU has no native bf16 (no AMX-BF16 or AVX512-BF16), where bf16 is "
+              "emulated and slower than float32; --bf16 yes measures it anyway")
     spread = {name: f"{min(s):.2f}-{max(s):.2f}" for name, s in seconds.items()}
     print(f"seconds per run (min-max): {spread}")
     print(f"packed vs one trial: {rate['packed'] / rate['autodrop']:.2f}x; with the realistic recipe: "
@@ -296,6 +329,10 @@ def _flops_per_image(shape: ModelShape, device: torch.device) -> tuple[float, fl
         h.remove()
     forward = 2.0 * macs
     return 3.0 * forward, forward
+
+
+def _yes(value: object) -> str:
+    return "yes" if value else "no"
 
 
 def _matmul_dtype(device: torch.device) -> str:

@@ -30,7 +30,7 @@ def handmade_study(
     placements, each completed with ``accuracy(placement, rng)`` (its curve rising to that value)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", storage=storage, study_name="handmade")
-    config = SearchConfig(rate_range=RATE_RANGE, train=SearchConfig().train.__class__(epochs=epochs))
+    config = SearchConfig(rate_range=RATE_RANGE, train=SearchConfig().train.__class__(epochs=epochs, precision="fp32"))
     options = config_to_options(config)
     study.set_user_attr(records.SETTINGS_KEY, {key: options[key] for key in records.TRIAL_SETTINGS})
     study.set_user_attr(records.SITES_KEY, SITES)

@@ -10,10 +10,15 @@ until the interval of the winner's lead over no dropout excludes zero, or lies w
 width of it (no difference that matters), or a cap is reached. The interval is widened for having
 looked several times (Pocock), so that stopping when it looks decided does not flatter the winner.
 Every run is stored with the study and reused on a rerun.
+
+Where the search's pack rule packs trials (built-in models on a GPU, or ``--pack``), a placement's
+missing seeds train together as one packed network, each member with its seed's initial weights,
+batch order and augmentation draws, as it would have trained alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -23,6 +28,7 @@ import numpy as np
 
 from autodrop.config import SearchConfig
 from autodrop.errors import ConfigError, StorageError
+from autodrop.nets.build import build_model, inspect_model
 from autodrop.run.records import (
     CONFIRM_SEED_BASE,
     CONFIRMATION_KEY,
@@ -37,19 +43,22 @@ from autodrop.run.records import (
     read_study,
     read_trials,
 )
+from autodrop.run.search import worker_pack_sizes
 from autodrop.run.storage import open_existing_study, storage_errors
 from autodrop.run.trust import check_same_data, data_record, trusted_config
 from autodrop.training.data import ImageData, load_data
-from autodrop.training.device import resolve_device
-from autodrop.training.loop import TrainingDiverged
+from autodrop.training.device import resolve_device, resolve_precision
+from autodrop.training.loop import Member, TrainingDiverged
 from autodrop.training.normaliser import Normaliser
-from autodrop.training.placement import train_placement
+from autodrop.training.packed import PackTrainer
+from autodrop.training.placement import build_placed_model, train_placement
 
 # Confirmation seeds (CONFIRM_SEED_BASE + i, in records.py) never coincide with the search's trial
 # seeds (seed * 1_000_003 + number).
 SIGNIFICANCE = 0.05  # the chance of calling a difference real when there is none, over all looks
 MIN_SEEDS = 3  # seeds every candidate gets before the first look
 MAX_SEEDS = 10  # the cap of the sequential confirmation
+MAX_PACK = 64  # the most seeds of one placement trained as one pack (the pack rule's own size is smaller)
 DECISION_WIDTH = 0.01  # a lead whose interval lies within +-1 point makes no difference that matters
 
 
@@ -122,10 +131,13 @@ def confirm_study(
     max_seeds: int = MAX_SEEDS,
     top: int = 3,
     device: str = "auto",
+    precision: str | None = None,
+    pack: int | None = None,
     model: str | None = None,
     data: str | None = None,
     on_run: Callable[[str, int], None] | None = None,
     model_args: Sequence[str] | Mapping[str, Any] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> Confirmation:
     """Retrain the study's ``top`` placements and its baselines with fresh seeds; store and return the verdict.
 
@@ -134,6 +146,9 @@ def confirm_study(
     already stored with the study are reused. ``study_name`` None picks the storage's only study.
     ``model`` and ``data`` name the study's own model and image folder, which autodrop never takes
     from the study itself (run/trust.py); a built-in model and the built-in digits need neither.
+    ``precision`` None retrains in the study's own precision. ``pack`` is the search's ``--pack``:
+    None packs a placement's seeds where a search would pack its trials. ``on_run`` hears of each
+    seed trained alone, ``on_note`` of how the runs train (the precision, each pack).
     """
     if n_seeds is not None and n_seeds < 2:
         raise ConfigError(f"--seeds must be at least 2 for a paired test, but got {n_seeds}.")
@@ -147,12 +162,20 @@ def confirm_study(
     study = open_existing_study(study_name, storage).study
     record = read_study(study)
     candidates = select_candidates(record, read_trials(study, record), top)
-    config = trusted_config(record, model=model, model_args=model_args, data=data)
+    config = dataclasses.replace(trusted_config(record, model=model, model_args=model_args, data=data), pack=pack)
+    if precision is not None:
+        config = dataclasses.replace(config, train=dataclasses.replace(
+            config.train, precision=resolve_precision(precision, resolve_device(device))))
     images = load_data(config.data)
     check_same_data(record, data_record(images))
     # Every run is stored as soon as it is trained: a stopped or killed confirm loses none of them.
     trainer = CandidateTrainer(config, images, device=device, on_run=on_run, runs=read_confirmation_runs(study),
-                               on_trained=lambda runs: study.set_user_attr(CONFIRMATION_RUNS_KEY, runs))
+                               on_trained=lambda runs: study.set_user_attr(CONFIRMATION_RUNS_KEY, runs),
+                               on_note=on_note)
+    if on_note is not None:
+        packing = (f"a placement's seeds {trainer.pack} at a time as one packed network" if trainer.pack > 1
+                   else "one seed at a time")
+        on_note(f"retraining with {config.train.describe()}, on {trainer.device}, {packing}")
     if n_seeds is not None:
         confirmation = confirm_fixed(trainer, candidates, n_seeds)
     else:
@@ -201,33 +224,76 @@ class CandidateTrainer:
     def __init__(self, config: SearchConfig, data: ImageData, *, device: str = "auto",
                  on_run: Callable[[str, int], None] | None = None,
                  runs: dict[str, dict[str, list[float]]] | None = None,
-                 on_trained: Callable[[dict[str, dict[str, list[float]]]], None] | None = None) -> None:
+                 on_trained: Callable[[dict[str, dict[str, list[float]]]], None] | None = None,
+                 on_note: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.on_trained = on_trained
         self.device = resolve_device(device)
         self.data = data.to(self.device)
         self.normaliser = Normaliser(data.train_images).to(self.device)
-        self.on_run = on_run
+        self.on_run, self.on_note = on_run, on_note
         self.runs: dict[str, dict[str, list[float]]] = runs or {}  # placement key -> seed -> [val, gap]
+        # Packed members each take their own batches, so they need the inputs of augmented members.
+        problem = inspect_model(config.model, data.shape, config.model_args, member_inputs=True,
+                                in_block=config.in_block).packing_problem
+        if config.pack is not None and config.pack > 1 and problem is not None:
+            raise ConfigError(f"--pack {config.pack}: this model's runs cannot be packed ({problem}); use --pack 1.")
+        # The search's rule, which caps a pack at the trials to run: here train() caps it at the seeds missing.
+        (self.pack,) = worker_pack_sizes(dataclasses.replace(config, trials=MAX_PACK), [self.device], problem)
 
     def train(self, candidate: Candidate, n_seeds: int) -> None:
         """Make sure ``candidate`` has runs for the first ``n_seeds`` confirmation seeds."""
         done = self.runs.setdefault(candidate.key, {})
-        for i in range(n_seeds):
-            seed = CONFIRM_SEED_BASE + i
-            if str(seed) in done:
-                continue
-            if self.on_run is not None:
-                self.on_run(candidate.label, i)
-            # The same seed gives every candidate the same initial weights and batch order.
-            try:
-                metrics, _ = train_placement(self.config, self.data, self.normaliser, candidate.placement,
-                                             candidate.variants, seed=seed, device=self.device)
-                done[str(seed)] = [metrics.val_accuracy, metrics.gap]
-            except TrainingDiverged:
-                done[str(seed)] = [0.0, 0.0]
+        missing = [CONFIRM_SEED_BASE + i for i in range(n_seeds) if str(CONFIRM_SEED_BASE + i) not in done]
+        for start in range(0, len(missing), self.pack):
+            seeds = missing[start : start + self.pack]
+            if len(seeds) > 1:
+                self._train_pack(candidate, seeds, done)
+            else:
+                self._train_alone(candidate, seeds[0], done)
             if self.on_trained is not None:
                 self.on_trained(self.runs)
+
+    def _train_alone(self, candidate: Candidate, seed: int, done: dict[str, list[float]]) -> None:
+        if self.on_run is not None:
+            self.on_run(candidate.label, seed - CONFIRM_SEED_BASE)
+        # The same seed gives every candidate the same initial weights and batch order.
+        try:
+            metrics, _ = train_placement(self.config, self.data, self.normaliser, candidate.placement,
+                                         candidate.variants, seed=seed, device=self.device)
+            done[str(seed)] = [metrics.val_accuracy, metrics.gap]
+        except TrainingDiverged:
+            done[str(seed)] = [0.0, 0.0]
+
+    def _train_pack(self, candidate: Candidate, seeds: list[int], done: dict[str, list[float]]) -> None:
+        """Train ``candidate`` on ``seeds`` at once: each member built from its seed as its lone run
+        is, and taking its batches in its seed's order, so the runs pair across candidates as lone
+        runs do (only the dropout masks come from another stream, as they differ between placements
+        anyway)."""
+        if self.on_note is not None:
+            first, last = seeds[0] - CONFIRM_SEED_BASE + 1, seeds[-1] - CONFIRM_SEED_BASE + 1
+            self.on_note(f"training {candidate.label}, seeds {first}-{last} as one pack")
+        members = [Member(seed, build_placed_model(self.config, self.data, candidate.placement, candidate.variants,
+                                                   seed=seed), seed) for seed in seeds]
+        trainer = PackTrainer(self.data, self.normaliser, self.config.train, device=self.device, seed=seeds[0],
+                              build=self._build, capacity=len(seeds), own_batches=True)
+        trainer.set_members(members)
+        diverged: set[int] = set()
+        last = []
+        for _ in range(self.config.train.epochs):
+            last = trainer.run_epoch()
+            diverged |= {seed for seed, metrics in zip(seeds, last) if metrics.diverged}
+        for seed, metrics in zip(seeds, last):
+            if seed in diverged:  # as a lone run that diverged is scored
+                done[str(seed)] = [0.0, 0.0]
+            else:
+                final, _ = trainer.finish(seed, metrics)
+                done[str(seed)] = [final.val_accuracy, final.gap]
+
+    def _build(self) -> Any:
+        """Return a fresh network of the study's model (for a pack's members to be loaded into)."""
+        return build_model(self.config.model, self.data.shape, model_args=self.config.model_args,
+                           in_block=self.config.in_block)
 
     def result(self, candidate: Candidate, n_seeds: int | None = None) -> CandidateResult:
         """Return ``candidate``'s figures over its first ``n_seeds`` seeds (all it has by default)."""

@@ -80,11 +80,11 @@ def slot_param(site: str) -> str:
 TRIAL_SETTINGS = (
     "data", "image-size", "channels", "val-fraction", "train-per-class",
     "model", "model-args", "epochs", "batch-size", "lr", "rate-range", "kinds", "slots", "schedule", "seed",
-    "optimizer", "weight-decay", "lr-schedule", "label-smoothing", "augment", "in-block",
+    "optimizer", "weight-decay", "lr-schedule", "label-smoothing", "augment", "in-block", "precision",
 )
 # Settings added after studies were first stored, and the value every study made before them used.
 LATER_SETTINGS = {"optimizer": "adam", "weight-decay": 0.0, "lr-schedule": "constant", "label-smoothing": 0.0,
-                  "augment": [], "in-block": "off"}
+                  "augment": [], "in-block": "off", "precision": "fp32"}
 METRIC_NAME = "val_accuracy"
 SITE_KINDS = ("conv", "fc")
 # Built-in site names are identifiers; discovered ones add ":", "#", "@" and "." ("after:conv21#2").
@@ -261,6 +261,8 @@ def read_study(study: Any) -> StudyRecord:
         config = config_from_options(stored, from_storage=True)
     except (AutodropError, TypeError, ValueError) as e:
         raise StorageError(f"study {name!r} holds settings autodrop does not write: {e}") from e
+    if config.train.precision == "auto":  # a study stores the precision it chose
+        raise StorageError(f"study {name!r} holds settings autodrop does not write: precision 'auto'.")
     data = _read_data(study, config)
     sites = study.user_attrs.get(SITES_KEY)
     if not (

@@ -35,7 +35,7 @@ from autodrop.run.study import best_value, count_finished, create_or_load_study,
 from autodrop.run.trials import StudyTrials
 from autodrop.run.trust import data_record
 from autodrop.training.data import ImageData, load_data
-from autodrop.training.device import resolve_device
+from autodrop.training.device import resolve_device, resolve_precision
 from autodrop.training.packed import auto_pack_size
 
 
@@ -70,6 +70,7 @@ class PreparedStudy:
     choices: dict[str, Any]  # the dropout variants each site may take
     packing_problem: str | None  # why the model's trials cannot be packed, or None if they can
     uuid: str  # the study's identity, for the files kept beside it (checkpoints)
+    precision: str = "fp32"  # the study's stored precision, which every trial trains in
 
 
 def prepare_study(config: SearchConfig) -> PreparedStudy:
@@ -102,6 +103,8 @@ def prepare_study(config: SearchConfig) -> PreparedStudy:
             settings=config_to_options(as_searched(config, model)),
             sampler=make_sampler(config.sampler, config.seed),
             pruner=make_pruner(config.pruner, config.train.epochs, n_val=len(data.val_labels)),
+            # A study made in bf16 goes on in bf16 wherever it resumes, unless a precision is named.
+            follow=("precision",) if config.train.precision == "auto" else (),
         )
         _record_data_and_sites(study, data, model.kinds)
         # A study anyone can edit is read back whole before any trial trains: a study-wide value
@@ -109,15 +112,19 @@ def prepare_study(config: SearchConfig) -> PreparedStudy:
         read_trials(study, read_study(study))
         _enqueue_baselines(study, model.kinds, choices, config, model.branches)
         uuid = _study_uuid(study)
-    return PreparedStudy(study, storage, data, model.kinds, choices, model.packing_problem, uuid)
+        precision = read_study(study).config.train.precision
+    return PreparedStudy(study, storage, data, model.kinds, choices, model.packing_problem, uuid, precision)
 
 
 def as_searched(config: SearchConfig, model: ModelSites) -> SearchConfig:
     """Return ``config`` as it applies to ``model``, for storing with the study: a setting that finds
     nothing to act on in this model (in-block sites, the branch kind) is stored as off, so a study
-    made before the setting existed, or with another value of it, resumes with the defaults."""
+    made before the setting existed, or with another value of it, resumes with the defaults; the
+    precision is stored as the one ``auto`` picks on the search's device."""
     kinds = tuple(k for k in config.kinds if k != "branch" or model.branches) or ("element",)
-    return dataclasses.replace(config, kinds=kinds, in_block=config.in_block if model.in_block else "off")
+    precision = resolve_precision(config.train.precision, resolve_device(config.train.device))
+    return dataclasses.replace(config, kinds=kinds, in_block=config.in_block if model.in_block else "off",
+                               train=dataclasses.replace(config.train, precision=precision))
 
 
 def _check_device(device: torch.device) -> None:
@@ -194,6 +201,7 @@ def run_here(
     ``--pack`` (or, on a GPU, the automatic choice) asks for it and the model allows, else one by one."""
     # An explicit --pack on a model that cannot be packed was refused in prepare_study.
     (pack,) = worker_pack_sizes(config, [device], prepared.packing_problem)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=prepared.precision))
     trials = StudyTrials(prepared, config, device, progress, pack=pack)
     progress.start(config.trials, count_finished(prepared.study))
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import optuna
 from optuna.trial import TrialState
@@ -33,8 +33,13 @@ def create_or_load_study(
     settings: Mapping[str, Any],
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
+    follow: Collection[str] = (),
 ) -> optuna.Study:
-    """Return the study ``name``, creating it if new; refuse one made with other trial settings."""
+    """Return the study ``name``, creating it if new; refuse one made with other trial settings.
+
+    The settings named in ``follow`` were left to autodrop (``--precision auto``): a study that
+    exists keeps its own value of them, and a new one stores the value given.
+    """
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # autodrop prints its own progress
     try:
         study = optuna.create_study(
@@ -51,7 +56,8 @@ def create_or_load_study(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([METRIC_NAME])
         return study
-    differing = [key for key in TRIAL_SETTINGS if _normalise(stored.get(key)) != _normalise(wanted[key])]
+    differing = [key for key in TRIAL_SETTINGS
+                 if key not in follow and _normalise(stored.get(key)) != _normalise(wanted[key])]
     if differing:
         details = ", ".join(f"{key} {stored.get(key)!r} (now {wanted[key]!r})" for key in differing)
         raise ConfigError(

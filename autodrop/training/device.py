@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from autodrop.config import PRECISIONS
+
 EVAL_CHUNK = 1024  # images per forward pass when evaluating on a GPU; no gradients, so memory is small
 # On a CPU a chunk's feature maps must fit the cache (benchmarks/README.md shows the cost of a chunk
 # that does not): a CPU chunk holds this many input pixels, 128 images at 32x32, 32 at 64x64.
@@ -38,10 +40,59 @@ def eval_chunk_size(device: torch.device, image_size: int) -> int:
     return EVAL_CHUNK
 
 
-def autocast_for(device: torch.device) -> Any:
-    """Return the autocast context for ``device``: bf16 on CUDA, none elsewhere."""
+def native_bf16(device: torch.device) -> bool:
+    """Return whether ``device`` computes bfloat16 matrix products in hardware.
+
+    A CUDA GPU of compute capability 8.0 or later does; a CPU does when PyTorch reports AMX-BF16
+    tiles or AVX512-BF16 instructions. Elsewhere bf16 is emulated, and slower than float32.
+    """
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        if not torch.cuda.is_available():
+            return False
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # torch before 2.5 counts only native support anyway
+            return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        found = cpu_capabilities()
+        return bool(found.get("amx_bf16") or found.get("avx512_bf16"))
+    return False
+
+
+def cpu_capabilities() -> dict[str, Any]:
+    """Return what PyTorch reports about this CPU: its kernel level (``capability``: AVX2, AVX512...)
+    and, where it can tell, ``amx_bf16`` and ``avx512_bf16``."""
+    found: dict[str, Any] = {"capability": torch.backends.cpu.get_cpu_capability()}
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch 2.10 and later
+    if capabilities is not None:
+        found.update(capabilities())
+        return found
+    cpu = getattr(torch._C, "_cpu", None)
+    for key, probe in (("amx_bf16", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
+        if cpu is not None and hasattr(cpu, probe):
+            found[key] = bool(getattr(cpu, probe)())
+    return found
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Return the precision trials train in on ``device``: ``fp32`` or ``bf16`` as asked, and for
+    ``auto`` bf16 where the device computes it natively (:func:`native_bf16`), else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, but got {precision!r}.")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def autocast_for(device: torch.device, precision: str = "auto") -> Any:
+    """Return the autocast context for ``precision`` on ``device``: bf16 autocast, or none (fp32).
+
+    The one place training and evaluation choose their arithmetic. Autocast computes convolutions
+    and matrix products in bf16 while the weights, their gradients, the optimiser state and the
+    batch-norm running statistics stay float32; the loops compute the loss on float32 logits.
+    """
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 

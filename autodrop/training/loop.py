@@ -127,7 +127,7 @@ class TrialTrainer:
             model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(model.parameters(), config)
         self.augment = BatchAugment(config.augment, data.image_size, seed)
-        self.autocast = autocast_for(device)
+        self.autocast = autocast_for(device, config.precision)
         self.forward = forward_plan(model, training=True)
         self.dropout_epochs = dropout_epochs(config)
         self.total_steps = config.epochs * batches_per_epoch(len(data.train_labels), config.batch_size)
@@ -163,10 +163,11 @@ class TrialTrainer:
             images = data.train_images[index]
             x = self.normaliser(self.augment(images) if self.augment else images, self.channels_last)
             with self.autocast:
-                # cross_entropy applies log_softmax; on a model that already outputs
-                # log-probabilities that is a no-op, so both kinds of output train correctly.
-                loss = F.cross_entropy(self.forward(x), data.train_labels[index],
-                                       label_smoothing=config.label_smoothing)
+                out = self.forward(x)
+            # The loss is taken in float32 whatever the network computed in. cross_entropy applies
+            # log_softmax; on a model that already outputs log-probabilities that is a no-op, so
+            # both kinds of output train correctly.
+            loss = F.cross_entropy(out.float(), data.train_labels[index], label_smoothing=config.label_smoothing)
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.lr = config.learning_rate * lr_factor(config.lr_schedule, self.step, self.total_steps)
@@ -179,7 +180,8 @@ class TrialTrainer:
         if not math.isfinite(train_loss):
             self.last = EpochMetrics(epoch, train_loss, math.nan, math.nan)
         else:
-            val_loss, val_accuracy = evaluate(model, data.val_images, data.val_labels, self.normaliser, self.device)
+            val_loss, val_accuracy = evaluate(model, data.val_images, data.val_labels, self.normaliser, self.device,
+                                              precision=config.precision)
             self.last = EpochMetrics(epoch, train_loss, val_loss, val_accuracy)
         return self.last
 
@@ -197,7 +199,7 @@ class TrialTrainer:
         """Return the trial's figures after its last epoch, the training images re-measured in eval mode."""
         assert self.last is not None
         train_loss, train_accuracy = evaluate(self.model, self.data.train_images, self.data.train_labels,
-                                              self.normaliser, self.device)
+                                              self.normaliser, self.device, precision=self.config.precision)
         return TrialMetrics(self.last.val_accuracy, self.last.val_loss, train_accuracy, train_loss)
 
 
@@ -233,15 +235,17 @@ def train_trial(
 
 
 def evaluate(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normaliser: Normaliser, device: torch.device
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normaliser: Normaliser, device: torch.device,
+    *, precision: str = "auto",
 ) -> tuple[float, float]:
-    """Return (mean loss, accuracy) of ``model`` in eval mode, in large chunks without autograd."""
+    """Return (mean loss, accuracy) of ``model`` in eval mode, in large chunks without autograd, computed
+    in ``precision`` (the trial's, so a trial is measured in the arithmetic it trained in)."""
     model.eval()
     channels_last = use_channels_last(device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     chunk = eval_chunk_size(device, images.shape[-1])
-    with torch.inference_mode(), autocast_for(device):
+    with torch.inference_mode(), autocast_for(device, precision):
         forward = forward_plan(model, training=False)
         for start in range(0, len(labels), chunk):
             x = normaliser(images[start : start + chunk], channels_last)

@@ -1,6 +1,7 @@
 """Several trials trained at once as one packed network (autodrop/nets/packed.py), epoch by epoch.
 
-Every member sees the same batches in the same order; each keeps its own weights, batch-norm
+Every member sees the same batches in the same order (or, with ``own_batches``, each its own seed's
+order, as it would alone); each keeps its own weights, batch-norm
 statistics, optimiser state and step (so its own place on the learning-rate schedule), dropout
 placement, kind and slot, and its own augmentation draws. Between epochs members leave
 (finished or pruned) and new trials join, in a freed slot or by repacking.
@@ -9,7 +10,7 @@ placement, kind and slot, and its own augmentation draws. Between epochs members
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -50,6 +51,7 @@ class _Slot:
 
     tag: Any  # the caller's handle (an Optuna trial's number)
     augment: BatchAugment  # the member's own augmentation draws (from its seed)
+    batches: torch.Generator | None = None  # the member's own batch order (from its seed), with own_batches
     epoch: int = 0
 
 
@@ -62,14 +64,20 @@ class PackTrainer(MemberTrainer):
     shrinks (a repack, which keeps every member's weights, optimiser state and step) when the counts
     differ. With ``config.schedule == "early"``, each member's dropout goes off after its own first
     half. With augmentation, each member augments the shared batch with its own draws.
+
+    With ``own_batches`` each member instead takes its batches in its own seed's order, the order
+    it would have trained in alone (autodrop/training/loop.py), so that a member pairs with lone
+    runs of its seed; every member then gets an input of its own (as with augmentation).
     """
 
     packed = True
 
     def __init__(self, data: ImageData, normaliser: Normaliser, config: TrainConfig, *, device: torch.device,
-                 seed: int, build: Callable[[], nn.Module], capacity: int = GPU_PACK_SIZE) -> None:
+                 seed: int, build: Callable[[], nn.Module], capacity: int = GPU_PACK_SIZE,
+                 own_batches: bool = False) -> None:
         self.data, self.normaliser, self.config, self.device = data, normaliser, config, device
         self.capacity = capacity
+        self.own_batches = own_batches
         self.build = build  # returns a fresh member model (weights are replaced when it joins)
         prepare_device(device)
         self.channels_last = use_channels_last(device)
@@ -85,6 +93,11 @@ class PackTrainer(MemberTrainer):
     def tags(self) -> list[Any]:
         return [slot.tag for slot in self.slots]
 
+    @property
+    def member_inputs(self) -> bool:
+        """Whether each member gets an input of its own (its own augmentation draws or batches)."""
+        return bool(self.config.augment) or self.own_batches
+
     def epoch_of(self, tag: Any) -> int:
         return self.slots[self._index(tag)].epoch
 
@@ -97,7 +110,8 @@ class PackTrainer(MemberTrainer):
     def _slot(self, member: Member) -> _Slot:
         if member.resume is not None:
             raise ValueError("packed members keep no checkpoints, so they cannot resume one.")
-        return _Slot(member.tag, BatchAugment(self.config.augment, self.data.image_size, member.seed))
+        batches = torch.Generator().manual_seed(member.seed) if self.own_batches else None
+        return _Slot(member.tag, BatchAugment(self.config.augment, self.data.image_size, member.seed), batches)
 
     def set_members(self, members: Sequence[Member]) -> None:
         """Start a pack from scratch with these members; each model's drop sites already hold its
@@ -107,7 +121,7 @@ class PackTrainer(MemberTrainer):
             self.net = self.optimizer = None
             return
         self.net = PackedNet([member.model for member in members],
-                             member_inputs=bool(self.config.augment)).to(self.device)
+                             member_inputs=self.member_inputs).to(self.device)
         self.optimizer = PackedOptimizer(list(self.net.parameters()), len(members), self.config)
 
     def update(self, done: Sequence[Any], new: Sequence[Member]) -> None:
@@ -147,7 +161,8 @@ class PackTrainer(MemberTrainer):
             self.optimizer.set_step(new_i, old_steps[old_i])
 
     def train_epoch(self) -> list[float]:
-        """Train every member one epoch on shared batches; return each member's mean training loss."""
+        """Train every member one epoch (on shared batches, or each on its own); return each member's
+        mean training loss."""
         assert self.net is not None and self.optimizer is not None
         net, data, config, k = self.net, self.data, self.config, len(self.slots)
         for i, slot in enumerate(self.slots):
@@ -156,18 +171,23 @@ class PackTrainer(MemberTrainer):
         net.train()
         loss_sums = torch.zeros(k, device=self.device)
         n_batches = 0
-        autocast = autocast_for(self.device)
+        autocast = autocast_for(self.device, config.precision)
         forward = forward_plan(net.layers, training=True)
-        for index in batch_indices(len(data.train_labels), config.batch_size, self.batch_generator, self.device):
-            images = data.train_images[index]
-            if config.augment:  # each member its own draws, side by side in the channels
-                x = torch.cat([self.normaliser(slot.augment(images), self.channels_last) for slot in self.slots], 1)
+        for indices in self._batches():
+            if self.own_batches:
+                batches = [data.train_images[i] for i in indices]
+                y = torch.cat([data.train_labels[i] for i in indices])  # member by member, as the outputs
+            else:  # one batch for all: gathered once
+                batches = [data.train_images[indices[0]]] * k
+                y = data.train_labels[indices[0]].repeat(k)
+            if self.member_inputs:  # each member its own batch or draws, side by side in the channels
+                x = torch.cat([self.normaliser(slot.augment(images) if slot.augment else images, self.channels_last)
+                               for slot, images in zip(self.slots, batches)], 1)
             else:
-                x = self.normaliser(images, self.channels_last)
-            y = data.train_labels[index]
+                x = self.normaliser(batches[0], self.channels_last)
             with autocast:
                 out = forward(x)
-            losses = F.cross_entropy(out.float().reshape(k * len(y), -1), y.repeat(k), reduction="none",
+            losses = F.cross_entropy(out.float().reshape(len(y), -1), y, reduction="none",
                                      label_smoothing=config.label_smoothing)
             member_losses = losses.view(k, -1).mean(dim=1)
             # The sum of the members' mean losses: each member's gradient is its own loss's.
@@ -182,6 +202,18 @@ class PackTrainer(MemberTrainer):
             slot.epoch += 1
         return (loss_sums / max(n_batches, 1)).tolist()
 
+    def _batches(self) -> Iterator[list[torch.Tensor]]:
+        """Yield one epoch's batches of training-image indices, one per member: the pack's shared
+        batch, or with ``own_batches`` each member's from its own generator."""
+        n, size, k = len(self.data.train_labels), self.config.batch_size, len(self.slots)
+        if not self.own_batches:
+            for index in batch_indices(n, size, self.batch_generator, self.device):
+                yield [index] * k
+            return
+        # Every member's epoch has the same number of batches of the same sizes: only the order differs.
+        yield from (list(indices) for indices in
+                    zip(*(batch_indices(n, size, slot.batches, self.device) for slot in self.slots)))
+
     def finish(self, tag: Any, last: EpochMetrics) -> tuple[TrialMetrics, nn.Module]:
         """Return a finished member's figures (the training set re-measured in eval mode) and its
         network as a separate model, with the member's weights and drop-site settings."""
@@ -192,7 +224,7 @@ class PackTrainer(MemberTrainer):
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         train_loss, train_accuracy = evaluate(model, self.data.train_images, self.data.train_labels,
-                                              self.normaliser, self.device)
+                                              self.normaliser, self.device, precision=self.config.precision)
         return TrialMetrics(last.val_accuracy, last.val_loss, train_accuracy, train_loss), model
 
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> list[tuple[float, float]]:
@@ -203,7 +235,7 @@ class PackTrainer(MemberTrainer):
         loss_sum = torch.zeros(k, device=self.device)
         correct = torch.zeros(k, device=self.device, dtype=torch.long)
         chunk = max(1, eval_chunk_size(self.device, images.shape[-1]) // k)
-        with torch.inference_mode(), autocast_for(self.device):
+        with torch.inference_mode(), autocast_for(self.device, self.config.precision):
             forward = forward_plan(net.layers, training=False)
             for start in range(0, len(labels), chunk):
                 x = self.normaliser(images[start : start + chunk], self.channels_last)

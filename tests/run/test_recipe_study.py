@@ -26,7 +26,7 @@ from autodrop.run.storage import open_existing_study
 from autodrop.training.data import load_data
 
 RECIPE = dict(optimizer="sgd", augment="flip,crop", weight_decay=5e-4, lr_schedule="cosine", label_smoothing=0.1)
-RECIPE_WORDS = "SGD (Nesterov) 0.05, cosine, weight decay 0.0005, flip+crop, label smoothing 0.1, batch 64, 2 epochs"
+RECIPE_WORDS = "SGD (Nesterov) 0.05, cosine, weight decay 0.0005, flip+crop, label smoothing 0.1, batch 64, 2 epochs, float32"
 
 
 @pytest.fixture(scope="module")
@@ -173,5 +173,5 @@ def test_the_readme_colour_study_runs_on_the_shapes_folder(tmp_path: Path, monke
                                        "--epochs", "1", "--image-size", "16", "--quiet"])
     assert result.exit_code == 0, result.output
     assert ("Trained with SGD (Nesterov) 0.05, cosine, weight decay 0.0005, flip+crop, label smoothing 0.1, "
-            "batch 64, 1 epoch:") in result.output
+            "batch 64, 1 epoch, float32:") in result.output
     assert "data shapes (38 train / 10 val images)" in result.output
