@@ -23,6 +23,7 @@ from autodrop.training.device import (
     autocast_for,
     eval_chunk_size,
     prepare_device,
+    to_device,
     use_channels_last,
 )
 from autodrop.training.loop import (
@@ -30,9 +31,10 @@ from autodrop.training.loop import (
     Member,
     MemberTrainer,
     TrialMetrics,
-    batch_indices,
+    batches_on_host,
     batches_per_epoch,
     dropout_epochs,
+    epoch_batches,
     evaluate,
 )
 from autodrop.training.normaliser import Normaliser
@@ -73,6 +75,7 @@ class PackTrainer(MemberTrainer):
         self.build = build  # returns a fresh member model (weights are replaced when it joins)
         prepare_device(device)
         self.channels_last = use_channels_last(device)
+        self.on_host = batches_on_host(data, device, config)
         self.batch_generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout masks come from the global generator
         self.dropout_epochs = dropout_epochs(config)
@@ -158,13 +161,12 @@ class PackTrainer(MemberTrainer):
         n_batches = 0
         autocast = autocast_for(self.device)
         forward = forward_plan(net.layers, training=True)
-        for index in batch_indices(len(data.train_labels), config.batch_size, self.batch_generator, self.device):
-            images = data.train_images[index]
+        for images, y in epoch_batches(data, config.batch_size, self.batch_generator, self.device,
+                                       on_host=self.on_host):
             if config.augment:  # each member its own draws, side by side in the channels
                 x = torch.cat([self.normaliser(slot.augment(images), self.channels_last) for slot in self.slots], 1)
             else:
                 x = self.normaliser(images, self.channels_last)
-            y = data.train_labels[index]
             with autocast:
                 out = forward(x)
             losses = F.cross_entropy(out.float().reshape(k * len(y), -1), y.repeat(k), reduction="none",
@@ -206,10 +208,10 @@ class PackTrainer(MemberTrainer):
         with torch.inference_mode(), autocast_for(self.device):
             forward = forward_plan(net.layers, training=False)
             for start in range(0, len(labels), chunk):
-                x = self.normaliser(images[start : start + chunk], self.channels_last)
+                x = self.normaliser(to_device(images[start : start + chunk], self.device), self.channels_last)
                 if net.member_inputs:  # every member sees the same (unaugmented) images
                     x = x.repeat(1, k, 1, 1)
-                y = labels[start : start + chunk]
+                y = to_device(labels[start : start + chunk], self.device)
                 logits = forward(x).float()  # (K, n, classes)
                 losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(k), reduction="none")
                 loss_sum += losses.view(k, -1).sum(dim=1)
