@@ -211,3 +211,25 @@ def test_normaliser_statistics_in_chunks_match_the_whole_set(monkeypatch) -> Non
     floats = images.double().transpose(0, 1).reshape(3, -1)
     assert torch.allclose(whole.scale.flatten(), (1 / floats.std(dim=1)).float())
     assert torch.equal(whole.scale, chunked.scale) and torch.equal(whole.shift, chunked.shift)
+
+
+def test_a_pack_trained_from_host_batches_matches_one_from_device_batches() -> None:
+    from autodrop.nets.build import build_model
+    from autodrop.training.loop import Member
+    from autodrop.training.packed import PackTrainer
+
+    data, device = _data(), torch.device("cpu")
+    normaliser = Normaliser(data.train_images)
+    results = []
+    for setting in ("auto", "no"):
+        config = TrainConfig(epochs=2, batch_size=16, device="cpu", data_on_device=setting)
+        trainer = PackTrainer(place_data(data, device, setting), normaliser, config, device=device, seed=0,
+                              build=lambda: build_model("simple-cnn", data.shape), capacity=2)
+        assert trainer.on_host == (setting == "no")
+        models = []
+        for seed in range(2):
+            torch.manual_seed(seed)
+            models.append(build_model("simple-cnn", data.shape))
+        trainer.set_members([Member(i, m, seed=i) for i, m in enumerate(models)])
+        results.append([trainer.run_epoch() for _ in range(2)])
+    assert results[0] == results[1]
