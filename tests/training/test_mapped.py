@@ -233,3 +233,24 @@ def test_a_pack_trained_from_host_batches_matches_one_from_device_batches() -> N
         trainer.set_members([Member(i, m, seed=i) for i, m in enumerate(models)])
         results.append([trainer.run_epoch() for _ in range(2)])
     assert results[0] == results[1]
+
+
+def _train_images_file(config: DataConfig) -> str | None:
+    """In a worker process: load the data as a search's worker does, and say which file its training images map."""
+    found = mapped_file(load_data(config).train_images)
+    return None if found is None else str(found)
+
+
+@linux_only
+def test_worker_processes_map_the_one_cache_file(tmp_path, cache_folder) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    root = _gray_folder(tmp_path / "images", n=20)
+    config = DataConfig(source=str(root), image_size=16)
+    load_data(config)  # the parent builds the cache, as prepare_study does before workers start
+    (cache_file,) = cache_folder.glob("*" + cache.SUFFIX)
+    # Spawned, as run/processes.py starts workers; they inherit the cache folder through the environment.
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        found = list(pool.map(_train_images_file, [config, config]))
+    assert found == [str(cache_file)] * 2
