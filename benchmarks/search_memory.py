@@ -2,8 +2,8 @@
 
 Writes (once) a folder of ``--images`` generated RGB PNGs of ``--size`` pixels (20,000 at 64x64 by
 default: 234 MiB as uint8) and a small folder of the same kind (``--small`` images). Runs the
-command line's ``autodrop search`` on each (one epoch, one trial per worker, simple-cnn, batch 128,
-on the CPU) in a fresh process, first once to build the decoded-image cache, then with 1 and with 2
+command line's ``autodrop search`` on each (one epoch, one trial per worker, batch 128, on the CPU,
+a network with almost no arithmetic unless ``--model`` names another) in a fresh process, first once to build the decoded-image cache, then with 1 and with 2
 workers reading it, and samples the whole process tree's memory every 0.1 s:
 
 - largest RSS: the high-water mark of the largest single process (the kernel's, from wait4);
@@ -153,9 +153,35 @@ def measure(command: list[str], env: dict[str, str]) -> Peak:
     return peak
 
 
-def search_command(folder: Path, size: int, workers: int, epochs: int, storage: Path) -> list[str]:
+# A network with almost no arithmetic: what is measured is the data's memory, and this keeps a run of
+# 20,000 images to a minute on a small CPU (simple-cnn's 64x64 epoch took 19 minutes on a busy 2-core box).
+TINY_MODEL = """from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self, in_channels: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(in_channels, 8, 8, stride=8), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+"""
+
+
+def model_spec(name: str, folder: Path) -> str:
+    """Return the --model value for ``name``: a built-in, or ``tiny`` (written into ``folder``)."""
+    if name != "tiny":
+        return name
+    path = folder / "tiny_model.py"
+    path.write_text(TINY_MODEL)
+    return f"{path}:Tiny"
+
+
+def search_command(folder: Path, size: int, workers: int, epochs: int, storage: Path, model: str) -> list[str]:
     return [sys.executable, "-m", "autodrop", "search", "--data", str(folder), "--image-size", str(size),
-            "--model", "simple-cnn", "--epochs", str(epochs), "--trials", str(workers), "--workers", str(workers),
+            "--model", model, "--epochs", str(epochs), "--trials", str(workers), "--workers", str(workers),
             "--pruner", "none", "--device", "cpu", "--batch-size", "128", "--storage", f"sqlite:///{storage}",
             "--quiet"]
 
@@ -178,6 +204,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=500, help="images in the small folder (the base)")
     parser.add_argument("--size", type=int, default=64, help="pixels per side")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--model", default="tiny", help="tiny (one strided conv, written here) or a built-in name")
     parser.add_argument("--workers", default="1,2", help="worker counts to measure")
     parser.add_argument("--folder", default=None,
                         help="where the generated folders are kept between runs (default: a folder in the temp dir)")
@@ -185,7 +212,7 @@ def main() -> None:
     base = Path(args.folder) if args.folder else Path(tempfile.gettempdir()) / "autodrop-memory-bench"
     worker_counts = [int(w) for w in args.workers.split(",")]
     print(f"peak memory of `autodrop search` ({args.size}x{args.size} RGB PNGs, {args.epochs} epoch(s), one trial "
-          f"per worker, simple-cnn, batch 128, CPU); CPU: {cpu_name()}, {os.cpu_count()} cores")
+          f"per worker, model {args.model}, batch 128, CPU); CPU: {cpu_name()}, {os.cpu_count()} cores")
     folders = {n: write_folder(base / f"folder-{n}-{args.size}", n, args.size) for n in (args.small, args.images)}
     n_bytes = {n: n * 3 * args.size * args.size for n in folders}
     print(f"dataset: {args.images:,} images = {n_bytes[args.images] / MiB:,.1f} MiB as uint8; "
@@ -193,6 +220,7 @@ def main() -> None:
     print(f"{'run':<44}{'largest RSS':>12}{'summed RSS':>12}{'summed PSS':>12}{'seconds':>9}")
     peaks: dict[tuple[int, str], Peak] = {}
     with tempfile.TemporaryDirectory(prefix="autodrop-mem-") as tmp:
+        model = model_spec(args.model, Path(tmp))
         for n, folder in folders.items():
             cache = base / f"cache-{n}-{args.size}"
             shutil.rmtree(cache, ignore_errors=True)  # the first run builds it
@@ -200,7 +228,7 @@ def main() -> None:
             runs = [("build", 1)] + [(f"{w} worker{'s' if w > 1 else ''}", w) for w in worker_counts]
             for label, workers in runs:
                 storage = Path(tmp) / f"{n}-{label.replace(' ', '-')}.db"
-                peak = measure(search_command(folder, args.size, workers, args.epochs, storage), env)
+                peak = measure(search_command(folder, args.size, workers, args.epochs, storage, model), env)
                 peaks[(n, label)] = peak
                 pss = f"{peak.summed_pss / MiB:>8,.0f} MiB" if peak.summed_pss is not None else f"{'n/a':>12}"
                 name = f"{n:,} images, " + ("first search (decodes, writes the cache)" if label == "build" else label)

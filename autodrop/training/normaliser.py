@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-_CHUNK_VALUES = 1 << 22  # pixel values per chunk of the statistics: 32 MiB as float64
+_CHUNK_VALUES = 1 << 20  # pixel values per chunk of the statistics: 8 MiB as float64
 
 
 class Normaliser:
