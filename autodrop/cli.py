@@ -16,6 +16,7 @@ from click.core import ParameterSource
 from autodrop import __version__
 from autodrop.config import (
     AUGMENTATIONS,
+    DATA_ON_DEVICE,
     DEFAULT_LR,
     DEVICES,
     IN_BLOCK,
@@ -146,6 +147,11 @@ def main() -> None:
 @click.option("--train-per-class", type=int, default=None,
               help="Keep at most this many training images per class.")
 @click.option("--device", type=click.Choice(DEVICES), default=TrainConfig.device, show_default=True)
+@click.option("--data-on-device", type=click.Choice(DATA_ON_DEVICE), default=TrainConfig.data_on_device,
+              show_default=True,
+              help="Copy the images to the GPU (yes), or keep them in this machine's memory and copy each batch "
+                   "over (no); auto copies them when they fit in half the GPU's free memory. On a CPU the images "
+                   "are read where they lie, from the shared decoded-image cache.")
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
 @click.option("--study", default=None, help="Study name; default: made from the data and model.")
 @click.option("--storage", default=None, help=_STORAGE_HELP)

@@ -50,6 +50,9 @@ AUGMENTATIONS = ("flip", "crop", "cutout")
 # computes it natively, training/device.py). A study stores the one it trained in, never "auto".
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# Whether the images are copied to the device (batches indexed there) or stay on the host (batches
+# gathered there and copied): auto copies them to a GPU when they fit in its memory.
+DATA_ON_DEVICE = ("auto", "yes", "no")
 BUILTIN_DATASETS = ("digits",)  # data names that are not folders
 DEFAULT_STORAGE_FILE = "autodrop.db"
 DEFAULT_CHECKPOINT_DIR = "autodrop-checkpoints"
@@ -75,6 +78,7 @@ class TrainConfig:
     batch_size: int = 128  # images per optimiser step
     lr: float | None = None  # peak learning rate; None: the optimiser's default (DEFAULT_LR)
     device: str = "auto"  # auto picks cuda, then mps, then cpu; cuda:N names one GPU
+    data_on_device: str = "auto"  # of DATA_ON_DEVICE; where the images are kept while trials train
     schedule: str = "whole"  # "whole": dropout all run; "early": only in the first half of the epochs
     optimizer: str = "adam"  # adam, or sgd (Nesterov momentum 0.9)
     weight_decay: float = 0.0  # decoupled (AdamW style): each step multiplies weights by 1 - lr * weight_decay
@@ -201,6 +205,8 @@ def validate(config: SearchConfig) -> SearchConfig:
         _DEVICE_PATTERN.fullmatch(train.device) is not None,
         f"--device must be one of {', '.join(DEVICES)} or cuda:N, but got {train.device!r}.",
     )
+    _check(train.data_on_device in DATA_ON_DEVICE,
+           f"--data-on-device must be one of {', '.join(DATA_ON_DEVICE)}, but got {train.data_on_device!r}.")
     _check(config.workers >= 1, f"--workers must be at least 1, but got {config.workers}.")
     _check(config.pack is None or config.pack >= 1, f"--pack must be at least 1, but got {config.pack}.")
     for device in config.devices:
@@ -278,7 +284,7 @@ _DATA_KEYS = {"data": "source", "image-size": "image_size", "channels": "channel
 _TRAIN_KEYS = {"epochs": "epochs", "batch-size": "batch_size", "lr": "lr", "device": "device",
                "schedule": "schedule", "optimizer": "optimizer", "weight-decay": "weight_decay",
                "lr-schedule": "lr_schedule", "label-smoothing": "label_smoothing", "augment": "augment",
-               "precision": "precision"}
+               "precision": "precision", "data-on-device": "data_on_device"}
 _SEARCH_KEYS = {"model": "model", "model-args": "model_args", "trials": "trials", "rate-range": "rate_range", "kinds": "kinds",
                 "slots": "slots", "in-block": "in_block", "pruner": "pruner", "sampler": "sampler", "seed": "seed", "study": "study", "storage": "storage",
                 "timeout": "timeout",

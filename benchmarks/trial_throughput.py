@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from autodrop.config import DataConfig, TrainConfig  # noqa: E402
 from autodrop.nets.build import ModelShape, build_model  # noqa: E402
 from autodrop.nets.sites import DropSite, apply_placement, site_kinds  # noqa: E402
-from autodrop.training.data import ImageData, load_data  # noqa: E402
+from autodrop.training.data import ImageData, load_data, place_data  # noqa: E402
 from autodrop.training.device import (  # noqa: E402
     cpu_capabilities,
     native_bf16,
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         decoded = _load_folder(folder, args.image_size, cache_dir)
         cached_s = time.perf_counter() - t0
         print(f"reading the folder into uint8 tensors: {decode_s:.2f} s decoding, {cached_s:.2f} s from the cache")
-        on_device = decoded.to(device)
+        on_device = place_data(decoded, device)  # on a CPU: the mapped cache file itself
         normaliser = Normaliser(decoded.train_images).to(device)
 
         runs: dict[str, Callable[[int], float]] = {

@@ -33,10 +33,14 @@ def test_trial_throughput_runs_and_ends_with_the_speedup_line() -> None:
 
 
 @pytest.mark.slow
-def test_search_memory_reports_peaks() -> None:
-    lines = _run("benchmarks/search_memory.py", "--images", "400", "--datasets", "synthetic", "--pack", "2")
-    assert "pack=2" in lines[0]
-    assert lines[-1].startswith("synthetic (400 images):") and "resumed" in lines[-1]
+def test_search_memory_reports_peaks_and_the_data_share(tmp_path) -> None:
+    lines = _run("benchmarks/search_memory.py", "--images", "400", "--small", "200", "--workers", "2",
+                 "--folder", str(tmp_path))
+    assert "CPU:" in lines[0] and lines[1].startswith("dataset: 400 images")
+    text = "\n".join(lines)
+    for label in ("400 images, first search", "200 images, 2 workers", "data's share, 2 workers"):
+        assert label in text
+    assert re.search(r"summed (pss|rss) -?\d+\.\d\dx", lines[-1]), lines[-1]
 
 
 @pytest.mark.slow

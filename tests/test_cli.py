@@ -132,3 +132,8 @@ def test_search_help_shows_the_defaults():
     result = CliRunner().invoke(main, ["search", "--help"])
     assert result.exit_code == 0
     assert "--trials" in result.output and "default: 20" in result.output
+
+
+def test_search_refuses_an_unknown_data_on_device():
+    result = CliRunner().invoke(main, ["search", "--data-on-device", "sometimes"])
+    assert result.exit_code == 2 and "--data-on-device" in result.output

@@ -83,3 +83,10 @@ def test_largest_seed_is_accepted():
 def test_model_argument_named_by_a_keyword_is_refused_from_python_too():
     with pytest.raises(ConfigError, match="other than keywords, but got 'lambda'"):
         validate(SearchConfig(model_args={"lambda": 0.1}))
+
+
+def test_data_on_device_is_a_training_setting_checked_once():
+    assert config_from_options({"data-on-device": "no"}).train.data_on_device == "no"
+    assert config_from_options({}).train.data_on_device == "auto"
+    with pytest.raises(ConfigError, match="--data-on-device must be one of auto, yes, no, but got 'maybe'"):
+        config_from_options({"data-on-device": "maybe"})

@@ -607,6 +607,7 @@ def _scaling_from_data(record: ExportRecord, data: str | None) -> tuple[list[flo
 
 def _retrain(record: ExportRecord, device_name: str, data: str | None) -> "tuple[dict[str, Any], float]":
     """Train the trial's network again with its seed; return its weights and validation accuracy."""
+    from autodrop.training.data import place_data
     from autodrop.training.device import resolve_device
     from autodrop.training.normaliser import Normaliser
     from autodrop.training.placement import train_placement
@@ -614,7 +615,8 @@ def _retrain(record: ExportRecord, device_name: str, data: str | None) -> "tuple
     device = resolve_device(device_name)
     images, config = _trusted_data(record, data)
     normaliser = Normaliser(images.train_images).to(device)
-    metrics, model = train_placement(config, images.to(device), normaliser, record.placement, record.variants,
+    placed = place_data(images, device, config.train.data_on_device)
+    metrics, model = train_placement(config, placed, normaliser, record.placement, record.variants,
                                      seed=record.seed, device=device)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     return state, metrics.val_accuracy

@@ -46,7 +46,7 @@ from autodrop.run.records import (
 from autodrop.run.search import worker_pack_sizes
 from autodrop.run.storage import open_existing_study, storage_errors
 from autodrop.run.trust import check_same_data, data_record, trusted_config
-from autodrop.training.data import ImageData, load_data
+from autodrop.training.data import ImageData, load_data, place_data
 from autodrop.training.device import resolve_device, resolve_precision
 from autodrop.training.loop import Member, TrainingDiverged
 from autodrop.training.normaliser import Normaliser
@@ -229,7 +229,7 @@ class CandidateTrainer:
         self.config = config
         self.on_trained = on_trained
         self.device = resolve_device(device)
-        self.data = data.to(self.device)
+        self.data = place_data(data, self.device, config.train.data_on_device)
         self.normaliser = Normaliser(data.train_images).to(self.device)
         self.on_run, self.on_note = on_run, on_note
         self.runs: dict[str, dict[str, list[float]]] = runs or {}  # placement key -> seed -> [val, gap]

@@ -28,6 +28,7 @@ from autodrop.run.records import Placement, Variants
 from autodrop.run.scheduler import Outcome, TrialRunner
 from autodrop.run.space import suggest_placement, suggest_variants
 from autodrop.run.study import FINISHED_STATES, best_value
+from autodrop.training.data import place_data
 from autodrop.training.loop import EpochMetrics, Member, MemberTrainer, SoloTrainer, TrainingDiverged, TrialMetrics
 from autodrop.training.normaliser import Normaliser
 from autodrop.training.packed import PackTrainer
@@ -70,7 +71,7 @@ class StudyTrials(TrialRunner):
                  pack: int) -> None:
         self.prepared, self.config, self.device, self.progress = prepared, config, device, progress
         self.study, self.storage = prepared.study, prepared.storage
-        self.data = prepared.data.to(device)
+        self.data = place_data(prepared.data, device, config.train.data_on_device)
         self.normaliser = Normaliser(prepared.data.train_images).to(device)
         self.weights_store = prepare_records(
             self.study, storage_url=config.storage_url, override=config.artifact_dir, normaliser=self.normaliser

@@ -11,6 +11,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from autodrop.config import BUILTIN_DATASETS, DataConfig
 from autodrop.errors import AutodropWarning, DataError
 from autodrop.nets.shape import ModelShape
 from autodrop.training import cache
+from autodrop.training.device import data_fits
 
 # Splits and subsets use this seed whatever the search's seed, so that every search (and every
 # confirmation run) of one dataset is judged on the same validation images.
@@ -63,6 +65,19 @@ class ImageData:
             val_images=self.val_images.to(device),
             val_labels=self.val_labels.to(device),
         )
+
+
+def place_data(data: ImageData, device: torch.device, setting: str = "auto") -> ImageData:
+    """Return ``data`` where trials on ``device`` read it: all on the device when ``setting`` is
+    ``yes``, or ``auto`` and the images fit there (``device.data_fits``); else as it is, on the host,
+    where each batch is gathered and copied over (training/loop.py). On a CPU the images stay
+    where they are, a view of the mapped cache file: a copy would only double their memory."""
+    if device.type == "cpu" or setting == "no":
+        return data
+    n_bytes = sum(t.numel() * t.element_size() for t in (data.train_images, data.val_images))
+    if setting == "auto" and not data_fits(device, n_bytes):
+        return data
+    return data.to(device)
 
 
 def fingerprint(data: ImageData) -> str:
@@ -113,6 +128,12 @@ def _split(
     name: str, images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...], val_fraction: float
 ) -> ImageData:
     """Split stratified by class with the fixed SPLIT_SEED, after checking every class can be split."""
+    train_idx, val_idx = (torch.from_numpy(i) for i in _split_indices(labels.numpy(), classes, val_fraction))
+    return ImageData(name, classes, images[train_idx], labels[train_idx], images[val_idx], labels[val_idx])
+
+
+def _split_indices(labels: np.ndarray, classes: Sequence[str], val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Return the sorted (train, validation) indices of a split stratified by class with SPLIT_SEED."""
     from sklearn.model_selection import train_test_split
 
     counts = Counter(labels.tolist())
@@ -130,10 +151,12 @@ def _split(
             f"{len(classes)} classes has images on both sides; add images or change --val-fraction."
         )
     train_idx, val_idx = train_test_split(
-        np.arange(n), test_size=val_fraction, stratify=labels.numpy(), random_state=SPLIT_SEED
+        np.arange(n), test_size=val_fraction, stratify=labels, random_state=SPLIT_SEED
     )
-    train_idx, val_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(val_idx))
-    return ImageData(name, classes, images[train_idx], labels[train_idx], images[val_idx], labels[val_idx])
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+_SPLITS = ("train_images", "train_labels", "val_images", "val_labels")
 
 
 def _load_folder(config: DataConfig) -> ImageData:
@@ -146,23 +169,37 @@ def _load_folder(config: DataConfig) -> ImageData:
     if not root.is_dir():
         raise DataError(f"--data {config.source!r} is a file; give a folder with one subfolder per class.")
     name = root.resolve().name
+    settings: dict[str, Any] = {"image_size": config.image_size, "channels": config.channels}
     if (root / "train").is_dir() and (root / "val").is_dir():
         train_files, classes = _list_classes(root / "train")
         val_files, val_classes = _list_classes(root / "val")
         extra = sorted(set(val_classes) - set(classes))
         if extra:
             raise DataError(f"{root / 'val'} has classes {extra} that {root / 'train'} lacks.")
-        (train_images, train_labels), (val_images, val_labels) = _decode_groups(
-            root, [train_files, val_files], classes, config
-        )
-        _require_usable(root / "train", train_labels, classes)
-        if len(val_labels) == 0:
-            raise DataError(f"{root / 'val'} holds no readable images.")
-        return ImageData(name, tuple(classes), train_images, train_labels, val_images, val_labels)
-    files, classes = _list_classes(root)
-    ((images, labels),) = _decode_groups(root, [files], classes, config)
-    _require_usable(root, labels, classes)
-    return _split(name, images, labels, tuple(classes), config.val_fraction)
+        groups = [train_files, val_files]
+
+        def build() -> dict[str, cache.Stored]:
+            (train_images, train_labels), (val_images, val_labels) = _decode_all(groups, classes, config)
+            _require_usable(root / "train", train_labels, classes)
+            if len(val_labels) == 0:
+                raise DataError(f"{root / 'val'} holds no readable images.")
+            return dict(zip(_SPLITS, (train_images, train_labels, val_images, val_labels)))
+    else:
+        files, classes = _list_classes(root)
+        groups = [files]
+        # The split is stored, so that training reads both sides straight from the mapped file.
+        settings["val_fraction"] = config.val_fraction
+
+        def build() -> dict[str, cache.Stored]:
+            ((images, labels),) = _decode_all(groups, classes, config)
+            _require_usable(root, labels, classes)
+            train_idx, val_idx = _split_indices(labels, classes, config.val_fraction)
+            return {"train_images": cache.Rows(images, train_idx), "train_labels": labels[train_idx],
+                    "val_images": cache.Rows(images, val_idx), "val_labels": labels[val_idx]}
+
+    settings["classes"] = classes
+    arrays = cache.cached_arrays(root, settings, groups, build)
+    return ImageData(name, tuple(classes), *(torch.from_numpy(arrays[split]) for split in _SPLITS))
 
 
 def _list_classes(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
@@ -181,43 +218,60 @@ def _list_classes(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
     return files, [d.name for d in class_dirs]
 
 
-def _decode_groups(
-    root: Path, groups: list[list[tuple[Path, str]]], classes: list[str], config: DataConfig
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Return (images, labels) for each group of files, decoded once and then read from the cache.
+def _decode_all(
+    groups: Sequence[Sequence[tuple[Path, str]]], classes: Sequence[str], config: DataConfig
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Return (images, labels) for each group of files, every image decoded and resized straight into
+    one preallocated uint8 array per group (N, C, H, W); unreadable files are skipped with a warning
+    that names them.
 
-    The channels are picked over all groups together, so train/ and val/ always match.
+    Without ``config.channels`` the arrays start gray and become colour at the first colour image
+    (the gray ones so far copied across the channels), so train/ and val/ always match and a gray
+    set never takes three times its size.
     """
-
-    def build() -> dict[str, np.ndarray]:
-        decoded = [_decode_all(files, config) for files in groups]
-        channels = config.channels or _pick_channels([item for group in decoded for item in group])
-        arrays = {}
-        for i, group in enumerate(decoded):
-            images, labels = _stack(group, classes, channels)
-            arrays[f"images{i}"], arrays[f"labels{i}"] = images.numpy(), labels.numpy()
-        return arrays
-
-    settings = {"image_size": config.image_size, "channels": config.channels, "classes": classes}
-    arrays = cache.cached_arrays(root, settings, groups, build)
-    return [
-        (torch.from_numpy(arrays[f"images{i}"]), torch.from_numpy(arrays[f"labels{i}"])) for i in range(len(groups))
-    ]
-
-
-def _decode_all(files: list[tuple[Path, str]], config: DataConfig) -> list[tuple[np.ndarray, str]]:
-    """Decode and resize every file; unreadable ones are skipped with a warning that names them."""
     from PIL import Image
 
-    decoded = []
-    for path, label in files:
-        try:
-            decoded.append((_decode(path, config.image_size), label))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            warnings.warn(f"skipping {path}: too large to decode safely ({e})", AutodropWarning)
-        except Exception as e:  # PIL raises many types for broken or non-image files
-            warnings.warn(f"skipping {path}: not a readable image ({type(e).__name__}: {e})", AutodropWarning)
-    return decoded
+    index = {c: i for i, c in enumerate(classes)}
+    size = config.image_size
+    channels = config.channels or 1
+    images = [np.empty((len(files), channels, size, size), dtype=np.uint8) for files in groups]
+    labels = [np.empty(len(files), dtype=np.int64) for files in groups]
+    counts = [0] * len(groups)
+    for g, files in enumerate(groups):
+        for path, label in files:
+            try:
+                array = _decode(path, size)
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+                warnings.warn(f"skipping {path}: too large to decode safely ({e})", AutodropWarning)
+                continue
+            except Exception as e:  # PIL raises many types for broken or non-image files
+                warnings.warn(f"skipping {path}: not a readable image ({type(e).__name__}: {e})", AutodropWarning)
+                continue
+            if array.ndim == 3 and channels == 1 and config.channels is None:
+                channels = 3
+                images = [_to_colour(group, n) for group, n in zip(images, counts)]
+            _put(images[g][counts[g]], array)
+            labels[g][counts[g]] = index[label]
+            counts[g] += 1
+    return [(group[:n], group_labels[:n]) for group, group_labels, n in zip(images, labels, counts)]
+
+
+def _to_colour(gray: np.ndarray, n: int) -> np.ndarray:
+    """Return a three-channel array of ``gray``'s length holding its first ``n`` images in every channel."""
+    colour = np.empty((len(gray), 3, *gray.shape[2:]), dtype=np.uint8)
+    colour[:n] = gray[:n]  # gray broadcasts to every channel
+    return colour
+
+
+def _put(slot: np.ndarray, array: np.ndarray) -> None:
+    """Write one decoded (H, W) or (H, W, 3) image into its (C, H, W) slot."""
+    if array.ndim == 2:
+        slot[:] = array[None]  # gray broadcasts to every channel
+    elif slot.shape[0] == 1:
+        # ITU-R 601 luma, as PIL's convert("L") computes it.
+        slot[0] = (array @ np.array([0.299, 0.587, 0.114])).round().clip(0, 255).astype(np.uint8)
+    else:
+        slot[:] = array.transpose(2, 0, 1)
 
 
 def _decode(path: Path, size: int) -> np.ndarray:
@@ -250,27 +304,7 @@ def _decode(path: Path, size: int) -> np.ndarray:
         return np.asarray(image, dtype=np.uint8).copy()
 
 
-def _pick_channels(decoded: list[tuple[np.ndarray, str]]) -> int:
-    return 1 if all(array.ndim == 2 for array, _ in decoded) else 3
-
-
-def _stack(decoded: list[tuple[np.ndarray, str]], classes: list[str], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    index = {c: i for i, c in enumerate(classes)}
-    size = decoded[0][0].shape[0] if decoded else 1
-    images = np.empty((len(decoded), channels, size, size), dtype=np.uint8)
-    for i, (array, _) in enumerate(decoded):
-        if array.ndim == 2:
-            images[i] = array[None]  # gray broadcasts to every channel
-        elif channels == 1:
-            # ITU-R 601 luma, as PIL's convert("L") computes it.
-            images[i, 0] = (array @ np.array([0.299, 0.587, 0.114])).round().clip(0, 255).astype(np.uint8)
-        else:
-            images[i] = array.transpose(2, 0, 1)
-    labels = np.array([index[label] for _, label in decoded], dtype=np.int64)
-    return torch.from_numpy(images), torch.from_numpy(labels)
-
-
-def _require_usable(root: Path, labels: torch.Tensor, classes: list[str]) -> None:
+def _require_usable(root: Path, labels: np.ndarray, classes: Sequence[str]) -> None:
     if len(labels) == 0:
         raise DataError(f"{str(root)!r} holds no readable images.")
     present = set(labels.tolist())

@@ -15,6 +15,9 @@ EVAL_CHUNK = 1024  # images per forward pass when evaluating on a GPU; no gradie
 # On a CPU a chunk's feature maps must fit the cache (benchmarks/README.md shows the cost of a chunk
 # that does not): a CPU chunk holds this many input pixels, 128 images at 32x32, 32 at 64x64.
 CPU_EVAL_PIXELS = 128 * 32 * 32
+# The share of a GPU's free memory the images may take when --data-on-device is auto: the rest is
+# for the networks, their activations and the allocator's slack (several packed members at once).
+DEVICE_DATA_SHARE = 0.5
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,6 +41,24 @@ def eval_chunk_size(device: torch.device, image_size: int) -> int:
     if device.type == "cpu":
         return max(1, CPU_EVAL_PIXELS // (image_size * image_size))
     return EVAL_CHUNK
+
+
+def data_fits(device: torch.device, n_bytes: int) -> bool:
+    """Whether ``n_bytes`` of images fit on ``device`` beside training (a CPU's images stay where they are)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return n_bytes <= DEVICE_DATA_SHARE * free
+    return True
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Return ``batch`` on ``device``. A host batch bound for a GPU is copied from pinned memory
+    without waiting, so the copy runs while the GPU still works on the step before; on a CPU the
+    batch is returned as it is."""
+    if batch.device.type != "cpu" or device.type == "cpu":
+        return batch.to(device)
+    pinned = device.type == "cuda"
+    return (batch.pin_memory() if pinned else batch).to(device, non_blocking=pinned)
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -1,4 +1,4 @@
-"""One trial's training: epochs over uint8 images already on the device, batches by indexing.
+"""One trial's training: epochs over uint8 images, batches by indexing (on the device, or on the host and copied).
 
 :class:`TrialTrainer` trains one network an epoch at a time; :func:`train_trial` runs it to the end.
 :class:`MemberTrainer` is what the search's scheduler drives: up to ``capacity`` trials trained
@@ -25,6 +25,7 @@ from autodrop.training.device import (
     autocast_for,
     eval_chunk_size,
     prepare_device,
+    to_device,
     use_channels_last,
 )
 from autodrop.training.normaliser import Normaliser
@@ -103,6 +104,26 @@ def batch_indices(n_train: int, batch_size: int, generator: torch.Generator, dev
             yield index
 
 
+def batches_on_host(data: ImageData, device: torch.device, config: TrainConfig) -> bool:
+    """Whether batches are gathered on the host and copied to ``device``: the images were left
+    there (training/data.place_data). On a CPU, ``--data-on-device no`` takes this path too: the
+    one a GPU takes, without the copy."""
+    return data.train_images.device.type != device.type or config.data_on_device == "no"
+
+
+def epoch_batches(data: ImageData, batch_size: int, generator: torch.Generator, device: torch.device, *,
+                  on_host: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield one epoch's (images, labels) training batches on ``device``, in :func:`batch_indices`'s
+    order: indexed where the images are on the device, else gathered on the host (from the mapped
+    cache file) and copied; the batches are the same either way."""
+    where = torch.device("cpu") if on_host else device
+    for index in batch_indices(len(data.train_labels), batch_size, generator, where):
+        images, labels = data.train_images[index], data.train_labels[index]
+        if on_host:
+            images, labels = to_device(images, device), to_device(labels, device)
+        yield images, labels
+
+
 def dropout_epochs(config: TrainConfig) -> int:
     """Return how many epochs train with dropout: all of them, or the first half for "early dropout"
     (regularise while the network finds its features, then train without it)."""
@@ -110,7 +131,7 @@ def dropout_epochs(config: TrainConfig) -> int:
 
 
 class TrialTrainer:
-    """One trial's network trained an epoch at a time on ``data`` (already on ``device``).
+    """One trial's network trained an epoch at a time on ``data`` (placed for ``device`` by ``data.place_data``).
 
     ``resume`` continues after the epoch it was taken at, as if training had never stopped.
     """
@@ -122,6 +143,7 @@ class TrialTrainer:
         prepare_device(device)
         self.model, self.data, self.normaliser, self.config, self.device = model, data, normaliser, config, device
         self.channels_last = use_channels_last(device)
+        self.on_host = batches_on_host(data, device, config)
         model.to(device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -159,15 +181,15 @@ class TrialTrainer:
         loss_sum = torch.zeros((), device=self.device)
         n_batches = 0
         config = self.config
-        for index in batch_indices(len(data.train_labels), config.batch_size, self.batch_generator, self.device):
-            images = data.train_images[index]
+        for images, labels in epoch_batches(data, config.batch_size, self.batch_generator, self.device,
+                                            on_host=self.on_host):
             x = self.normaliser(self.augment(images) if self.augment else images, self.channels_last)
             with self.autocast:
                 out = self.forward(x)
             # The loss is taken in float32 whatever the network computed in. cross_entropy applies
             # log_softmax; on a model that already outputs log-probabilities that is a no-op, so
             # both kinds of output train correctly.
-            loss = F.cross_entropy(out.float(), data.train_labels[index], label_smoothing=config.label_smoothing)
+            loss = F.cross_entropy(out.float(), labels, label_smoothing=config.label_smoothing)
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.lr = config.learning_rate * lr_factor(config.lr_schedule, self.step, self.total_steps)
@@ -215,7 +237,7 @@ def train_trial(
     resume: TrainingState | None = None,
     on_checkpoint: Callable[[TrainingState], None] | None = None,
 ) -> TrialMetrics:
-    """Train ``model`` on ``data`` (already on ``device``) and return its final figures.
+    """Train ``model`` on ``data`` (placed for ``device`` by ``data.place_data``) and return its final figures.
 
     ``on_epoch`` sees each epoch's metrics and may raise to stop early. ``resume`` continues after
     the epoch it was taken at, as if training had never stopped; ``on_checkpoint`` receives that
@@ -239,7 +261,8 @@ def evaluate(
     *, precision: str = "auto",
 ) -> tuple[float, float]:
     """Return (mean loss, accuracy) of ``model`` in eval mode, in large chunks without autograd, computed
-    in ``precision`` (the trial's, so a trial is measured in the arithmetic it trained in)."""
+    in ``precision`` (the trial's, so a trial is measured in the arithmetic it trained in); the images
+    and labels on ``device`` or on the host, a chunk at a time copied over."""
     model.eval()
     channels_last = use_channels_last(device)
     loss_sum = torch.zeros((), device=device)
@@ -248,8 +271,8 @@ def evaluate(
     with torch.inference_mode(), autocast_for(device, precision):
         forward = forward_plan(model, training=False)
         for start in range(0, len(labels), chunk):
-            x = normaliser(images[start : start + chunk], channels_last)
-            y = labels[start : start + chunk]
+            x = normaliser(to_device(images[start : start + chunk], device), channels_last)
+            y = to_device(labels[start : start + chunk], device)
             logits = forward(x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             correct += (logits.argmax(dim=1) == y).sum()

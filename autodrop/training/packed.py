@@ -24,6 +24,7 @@ from autodrop.training.device import (
     autocast_for,
     eval_chunk_size,
     prepare_device,
+    to_device,
     use_channels_last,
 )
 from autodrop.training.loop import (
@@ -31,9 +32,10 @@ from autodrop.training.loop import (
     Member,
     MemberTrainer,
     TrialMetrics,
-    batch_indices,
+    batches_on_host,
     batches_per_epoch,
     dropout_epochs,
+    epoch_batches,
     evaluate,
 )
 from autodrop.training.normaliser import Normaliser
@@ -81,6 +83,7 @@ class PackTrainer(MemberTrainer):
         self.build = build  # returns a fresh member model (weights are replaced when it joins)
         prepare_device(device)
         self.channels_last = use_channels_last(device)
+        self.on_host = batches_on_host(data, device, config)
         self.batch_generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout masks come from the global generator
         self.dropout_epochs = dropout_epochs(config)
@@ -164,7 +167,7 @@ class PackTrainer(MemberTrainer):
         """Train every member one epoch (on shared batches, or each on its own); return each member's
         mean training loss."""
         assert self.net is not None and self.optimizer is not None
-        net, data, config, k = self.net, self.data, self.config, len(self.slots)
+        net, config, k = self.net, self.config, len(self.slots)
         for i, slot in enumerate(self.slots):
             if slot.epoch >= self.dropout_epochs:  # "early dropout": off after the member's first half
                 net.silence(i)
@@ -173,13 +176,7 @@ class PackTrainer(MemberTrainer):
         n_batches = 0
         autocast = autocast_for(self.device, config.precision)
         forward = forward_plan(net.layers, training=True)
-        for indices in self._batches():
-            if self.own_batches:
-                batches = [data.train_images[i] for i in indices]
-                y = torch.cat([data.train_labels[i] for i in indices])  # member by member, as the outputs
-            else:  # one batch for all: gathered once
-                batches = [data.train_images[indices[0]]] * k
-                y = data.train_labels[indices[0]].repeat(k)
+        for batches, y in self._batches():
             if self.member_inputs:  # each member its own batch or draws, side by side in the channels
                 x = torch.cat([self.normaliser(slot.augment(images) if slot.augment else images, self.channels_last)
                                for slot, images in zip(self.slots, batches)], 1)
@@ -202,17 +199,19 @@ class PackTrainer(MemberTrainer):
             slot.epoch += 1
         return (loss_sums / max(n_batches, 1)).tolist()
 
-    def _batches(self) -> Iterator[list[torch.Tensor]]:
-        """Yield one epoch's batches of training-image indices, one per member: the pack's shared
-        batch, or with ``own_batches`` each member's from its own generator."""
-        n, size, k = len(self.data.train_labels), self.config.batch_size, len(self.slots)
+    def _batches(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        """Yield one epoch's training batches, one per member, with their labels member by member:
+        the pack's shared batch (gathered once), or with ``own_batches`` each member's from its own
+        generator; indexed on the device or gathered on the host and copied (:func:`epoch_batches`)."""
+        k, size = len(self.slots), self.config.batch_size
         if not self.own_batches:
-            for index in batch_indices(n, size, self.batch_generator, self.device):
-                yield [index] * k
+            for images, labels in epoch_batches(self.data, size, self.batch_generator, self.device, on_host=self.on_host):
+                yield [images] * k, labels.repeat(k)
             return
         # Every member's epoch has the same number of batches of the same sizes: only the order differs.
-        yield from (list(indices) for indices in
-                    zip(*(batch_indices(n, size, slot.batches, self.device) for slot in self.slots)))
+        streams = [epoch_batches(self.data, size, slot.batches, self.device, on_host=self.on_host) for slot in self.slots]
+        for pairs in zip(*streams):
+            yield [images for images, _ in pairs], torch.cat([labels for _, labels in pairs])
 
     def finish(self, tag: Any, last: EpochMetrics) -> tuple[TrialMetrics, nn.Module]:
         """Return a finished member's figures (the training set re-measured in eval mode) and its
@@ -238,10 +237,10 @@ class PackTrainer(MemberTrainer):
         with torch.inference_mode(), autocast_for(self.device, self.config.precision):
             forward = forward_plan(net.layers, training=False)
             for start in range(0, len(labels), chunk):
-                x = self.normaliser(images[start : start + chunk], self.channels_last)
+                x = self.normaliser(to_device(images[start : start + chunk], self.device), self.channels_last)
                 if net.member_inputs:  # every member sees the same (unaugmented) images
                     x = x.repeat(1, k, 1, 1)
-                y = labels[start : start + chunk]
+                y = to_device(labels[start : start + chunk], self.device)
                 logits = forward(x).float()  # (K, n, classes)
                 losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(k), reduction="none")
                 loss_sum += losses.view(k, -1).sum(dim=1)

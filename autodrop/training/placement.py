@@ -45,7 +45,7 @@ def train_placement(
     device: torch.device,
     **train_options: Any,
 ) -> tuple[TrialMetrics, nn.Module]:
-    """Train the placed network on ``data`` (already on ``device``) and return its figures and itself.
+    """Train the placed network on ``data`` (placed for ``device`` by ``data.place_data``) and return its figures and itself.
 
     Raises TrainingDiverged when the loss stops being finite.
     """

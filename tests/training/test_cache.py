@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -51,8 +52,11 @@ def decode_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     return calls
 
 
+_SPLITS = ("train_images", "train_labels", "val_images", "val_labels")
+
+
 def _same(a, b) -> None:
-    for name in ("train_images", "train_labels", "val_images", "val_labels"):
+    for name in _SPLITS:
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
@@ -61,7 +65,7 @@ def test_second_load_skips_decoding(tmp_path: Path, cache_folder: Path, decode_c
     config = DataConfig(source=str(root), image_size=8)
     first = load_data(config)
     assert len(decode_calls) == 12
-    assert len(list(cache_folder.glob("*.npz"))) == 1
+    assert len(list(cache_folder.glob("*" + cache.SUFFIX))) == 1
     second = load_data(config)
     assert len(decode_calls) == 12  # nothing decoded the second time
     _same(first, second)
@@ -78,7 +82,7 @@ def test_touching_a_file_rebuilds_the_cache(tmp_path: Path, cache_folder: Path, 
     assert len(decode_calls) == 24  # stale: decoded again
     load_data(config)
     assert len(decode_calls) == 24  # and the rebuilt cache is used
-    assert len(list(cache_folder.glob("*.npz"))) == 1  # replaced, not accumulated
+    assert len(list(cache_folder.glob("*" + cache.SUFFIX))) == 1  # replaced, not accumulated
 
 
 def test_changed_pixels_are_read_again(tmp_path: Path, cache_folder: Path) -> None:
@@ -120,12 +124,33 @@ def test_cache_off_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_corrupt_cache_is_rebuilt(tmp_path: Path, cache_folder: Path, decode_calls: list[Path]) -> None:
     root = _write_folder(tmp_path / "images")
     config = DataConfig(source=str(root), image_size=8)
-    first = load_data(config)
-    (cache_file,) = cache_folder.glob("*.npz")
-    cache_file.write_bytes(b"not a zip file")
+    first = _in_memory(load_data(config))
+    (cache_file,) = cache_folder.glob("*" + cache.SUFFIX)
+    # Written in place, as a user or a disk tool might (autodrop only ever replaces the file whole);
+    # a process that had it mapped would be hit by SIGBUS, so this one holds a copy.
+    cache_file.write_bytes(b"not a cache file")
     second = load_data(config)
     assert len(decode_calls) == 24
     _same(first, second)
+
+
+def test_cut_short_cache_is_rebuilt(tmp_path: Path, cache_folder: Path, decode_calls: list[Path]) -> None:
+    root = _write_folder(tmp_path / "images")
+    config = DataConfig(source=str(root), image_size=8)
+    first = _in_memory(load_data(config))
+    (cache_file,) = cache_folder.glob("*" + cache.SUFFIX)
+    whole = cache_file.read_bytes()
+    partial = cache_file.with_suffix(".part")
+    partial.write_bytes(whole[: len(whole) - 100])  # a copy that stopped early: header intact, data short
+    os.replace(partial, cache_file)
+    second = load_data(config)
+    assert len(decode_calls) == 24
+    _same(first, second)
+
+
+def _in_memory(data):
+    """Return ``data`` with its arrays copied out of the mapped cache file."""
+    return dataclasses.replace(data, **{name: getattr(data, name).clone() for name in _SPLITS})
 
 
 def test_skipped_files_are_reported_again_from_cache(tmp_path: Path, cache_folder: Path) -> None:
@@ -180,15 +205,16 @@ def test_file_deleted_after_the_folder_was_listed_is_skipped_with_a_warning(
     assert len(data.train_labels) + len(data.val_labels) == 11
 
 
-class _Interrupting:
-    """Pickling it is where Ctrl-C lands: after the cache file has been partly written."""
+class _InterruptedRows(cache.Rows):
+    """Ctrl-C lands after its first chunk: the cache file has been partly written."""
 
-    def __reduce__(self):
+    def chunks(self):
+        yield self.source[:1]
         raise KeyboardInterrupt
 
 
 def test_interrupted_cache_write_leaves_no_partial_file(cache_folder: Path) -> None:
-    arrays = {"images0": np.zeros((64, 8, 8), np.uint8), "labels0": np.array([_Interrupting()], dtype=object)}
+    arrays = {"images0": np.zeros((64, 8, 8), np.uint8), "labels0": _InterruptedRows(np.zeros(64), np.arange(64))}
     with pytest.raises(KeyboardInterrupt):
-        cache._write(cache_folder / "slot.npz", "digest", [], arrays)
+        cache._write(cache_folder / ("slot" + cache.SUFFIX), "digest", [], arrays)
     assert list(cache_folder.iterdir()) == []
