@@ -44,3 +44,19 @@ def write_noisy_digits(root: Path, **kwargs) -> Path:
     from planted import write_noisy_digits as write
 
     return write(root, **kwargs)
+
+
+def search_on_one_thread(options: dict) -> dict:
+    """Run ``autodrop.search(**options)`` on one thread (a module-scoped study shared by several
+    tests: one thread keeps its numbers the same whatever else the machine runs)."""
+    import torch
+
+    import autodrop
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = autodrop.search(**options)
+    finally:
+        torch.set_num_threads(threads)
+    return {"options": options, "result": result}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny import tiny_options
+from tiny import search_on_one_thread, tiny_options
 
 import autodrop
 from autodrop.cli import main
@@ -27,14 +27,7 @@ STUDY = "digits-simple-cnn"
 @pytest.fixture(scope="module")
 def bf16_study(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A finished six-trial digits study trained in bf16 (emulated on a CPU without bf16 units)."""
-    options = tiny_options(tmp_path_factory.mktemp("bf16"), trials=6, precision="bf16")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = autodrop.search(**options)
-    finally:
-        torch.set_num_threads(threads)
-    return {"options": options, "result": result}
+    return search_on_one_thread(tiny_options(tmp_path_factory.mktemp("bf16"), trials=6, precision="bf16"))
 
 
 def _stored_precision(storage: str) -> str:

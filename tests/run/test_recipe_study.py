@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny import tiny_options
+from tiny import search_on_one_thread, tiny_options
 
 import autodrop
 from autodrop.cli import main
@@ -32,14 +32,7 @@ RECIPE_WORDS = "SGD (Nesterov) 0.05, cosine, weight decay 0.0005, flip+crop, lab
 @pytest.fixture(scope="module")
 def recipe_study(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A finished six-trial digits study trained with a realistic recipe, made on one thread."""
-    options = tiny_options(tmp_path_factory.mktemp("recipe"), trials=6, **RECIPE)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = autodrop.search(**options)
-    finally:
-        torch.set_num_threads(threads)
-    return {"options": options, "result": result}
+    return search_on_one_thread(tiny_options(tmp_path_factory.mktemp("recipe"), trials=6, **RECIPE))
 
 
 def test_the_answer_names_the_recipe_it_holds_for(recipe_study: dict) -> None:
